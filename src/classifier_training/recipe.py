@@ -1,0 +1,553 @@
+"""Training recipes: nested dataclasses loaded from YAML and overridden by dotted CLI flags.
+
+Precedence is ``dataclass defaults < YAML file(s) < command line``::
+
+    accelerate launch src/train.py --recipe recipes/basketball_r18.yaml --optim.lr 3e-4
+
+The YAML is validated by :func:`validate_yaml` *before* simple-parsing sees it, so an unknown key,
+a value of the wrong type or an invalid choice fails with the file, the line and the dotted key
+(simple-parsing alone answers a bad choice with a bare ``KeyError``). Variants (model, dataset,
+augmentation preset) are plain fields, never simple-parsing subgroups (upstream #331/#358/#287),
+and no field is an ``Optional[dataclass]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe file or flag is invalid; the message names the file, line and key."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic jersey dataset generated when ``data.generate_if_missing`` is set."""
+
+    train_per_class: int = 60
+    """Train images per class (the largest class under ``long_tail``)."""
+    valid_per_class: int = 12
+    """Validation images per class."""
+    test_per_class: int = 12
+    """Test images per class."""
+    image_size: int = 64
+    """Side of the square crops that are rendered, in pixels."""
+    long_tail: bool = False
+    """Mimic the real data's imbalance: train counts fall geometrically to ~1/60 of the largest."""
+    seed: int = 0
+    """Generator seed: same seed, same bytes."""
+    labels: list[str] = field(default_factory=list)
+    """Labels to render; empty means the 42 default jersey labels."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are batched."""
+
+    root: str = "data/synthetic-jerseys"
+    """Dataset root holding the split folders (train/valid/test)."""
+    format: Literal["auto", "jsonl", "imagefolder"] = "auto"
+    """Layout: JSONL annotations, ImageFolder class folders, or auto-detect."""
+    train_split: str = "train"
+    """Name of the training split folder."""
+    val_split: str = "valid"
+    """Name of the validation split folder."""
+    test_split: str = "test"
+    """Name of the test split folder ("" to skip testing)."""
+    image_size: int = 224
+    """Network input side (square). Eval resizes the shorter side to size*256/224 then crops."""
+    batch_size: int = 64
+    """Per-process batch size (global batch = batch_size * processes * grad_accum_steps)."""
+    eval_batch_size: int = 0
+    """Per-process evaluation batch size (0: same as batch_size)."""
+    num_workers: int = 4
+    """DataLoader worker processes per training process."""
+    pin_memory: bool = True
+    """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    train_fit: Literal["letterbox", "stretch"] = "letterbox"
+    """How a loader worker brings a train image to image_size: letterbox keeps the aspect."""
+    sampler: Literal["disabled", "auto", "manual"] = "disabled"
+    """Weighted sampling of train rows: off, inverse class frequency, or sampler_weights."""
+    sampler_weights: dict[str, float] = field(default_factory=dict)
+    """Per-class sampling weights by label name for sampler=manual (absent labels weigh 1)."""
+    generate_if_missing: bool = False
+    """Render the synthetic jersey dataset into root when root does not exist."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Settings of the generated dataset (used only with generate_if_missing)."""
+
+
+@dataclass
+class ModelConfig:
+    """The timm backbone."""
+
+    arch: str = "resnet18.tv_in1k"
+    """Any timm model name, with its pretrained tag (resnet18.tv_in1k, resnet50.tv2_in1k, ...)."""
+    pretrained: bool = True
+    """Start from pretrained weights (pretrained_file if set, else the Hugging Face hub)."""
+    pretrained_file: str = ""
+    """Local .safetensors/.pth file with the backbone's pretrained weights (head may differ)."""
+    allow_random_init: bool = False
+    """When pretrained weights cannot be had, train from scratch instead of failing."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Memory format: auto turns channels_last on for CUDA only."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and gradient handling."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = 5e-4
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    clip_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup then cosine decay, stepped per optimizer update (timm CosineLRScheduler)."""
+
+    warmup_epochs: float = 5.0
+    """Warmup length in epochs (converted to optimizer updates)."""
+    warmup_lr_factor: float = 1e-3
+    """Warmup starts at lr * warmup_lr_factor."""
+    min_lr_factor: float = 0.05
+    """The cosine ends at lr * min_lr_factor."""
+
+
+@dataclass
+class EmaConfig:
+    """timm ModelEmaV3, updated after every optimizer update."""
+
+    enabled: bool = True
+    """Keep an exponential moving average of the weights."""
+    decay: float = 0.9999
+    """Upper bound of the decay."""
+    warmup: bool = True
+    """Ramp the decay up: d = 1 - (1 + s/warmup_gamma)^-warmup_power, capped at decay."""
+    warmup_gamma: float = 9.0
+    """Warmup gamma; with power 1 this is the reference's d = min(decay, (1+n)/(10+n))."""
+    warmup_power: float = 1.0
+    """Warmup power."""
+    select: Literal["ema", "raw"] = "ema"
+    """Which weights drive model selection, early stopping and export."""
+
+
+@dataclass
+class LossConfig:
+    """Cross-entropy with class weights and label smoothing."""
+
+    class_weights: Literal["inverse", "none"] = "inverse"
+    """Inverse-frequency class weights from the train split (normalised to sum to classes)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+
+
+@dataclass
+class AugmentConfig:
+    """Train augmentation: a preset, with any parameter overridable (None keeps the preset's)."""
+
+    preset: Literal["jersey", "imagenet", "none"] = "jersey"
+    """jersey: the reference's final recipe without flips; imagenet: crop+flip+jitter; none."""
+    hflip_p: float | None = None
+    """Horizontal flip probability (jersey: 0, it mirrors digits)."""
+    rotate_degrees: float | None = None
+    """Affine rotation range +-degrees."""
+    translate: float | None = None
+    """Affine translation as a fraction of the side."""
+    shear_degrees: float | None = None
+    """Affine shear range +-degrees."""
+    perspective_p: float | None = None
+    """Probability of a perspective warp."""
+    color_jitter: float | None = None
+    """Brightness/contrast/saturation jitter strength."""
+    degrade_p: float | None = None
+    """Probability of applying the degradation block (pixelate, down-up, noise, zoom)."""
+    jpeg_p: float | None = None
+    """Probability of JPEG re-compression (done in the loader workers)."""
+    erase_p: float | None = None
+    """Random-erasing probability."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, precision, checkpoints, resume, early stopping."""
+
+    epochs: int = 200
+    """Number of epochs."""
+    seed: int = 42
+    """Seed for python, numpy, torch, the sampler and the augmentation generator."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower; cudnn.benchmark off, TF32 off)."""
+    output_dir: str = ""
+    """Run directory (empty: runs/<recipe name>)."""
+    resume: str = ""
+    """Resume from a run directory or checkpoint folder, or 'auto' (latest of output_dir)."""
+    overwrite: bool = False
+    """Allow starting a fresh run in an output_dir that already has checkpoints."""
+    mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
+    """auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer update."""
+    max_batches_per_epoch: int = 0
+    """Cap on train batches per epoch (0: the whole loader); for smoke runs and benchmarks."""
+    checkpoint_every_updates: int = 0
+    """Also save a 'last' checkpoint every N optimizer updates (0: only at epoch ends)."""
+    keep_top_k: int = 3
+    """Best checkpoints kept by the monitored metric (plus 'last')."""
+    monitor: str = "val/acc_top1"
+    """Metric for model selection and early stopping (of the selected weights)."""
+    monitor_mode: Literal["max", "min"] = "max"
+    """Whether a larger monitored value is better."""
+    early_stop_patience: int = 20
+    """Epochs without improvement before stopping (0 disables early stopping)."""
+    early_stop_min_delta: float = 0.001
+    """Smallest change that counts as an improvement."""
+    eval_test: bool = True
+    """Evaluate the test split with the selected best weights at the end."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and Weights & Biases."""
+
+    wandb: bool = False
+    """Log to Weights & Biases through Accelerate's tracker (WANDB_MODE=offline works)."""
+    project: str = "classifier-training"
+    """W&B project."""
+    run_name: str = ""
+    """W&B run name (empty: the recipe name)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    log_every: int = 20
+    """Optimizer updates between progress lines when stdout is not a terminal."""
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """auto: a bar on a terminal, lines otherwise."""
+
+
+@dataclass
+class ExportConfig:
+    """The ONNX deployment bundle written by the export hook and ``python -m export``."""
+
+    checkpoint: str = "best"
+    """best, last, or a checkpoint folder."""
+    weights: Literal["selected", "ema", "raw"] = "selected"
+    """Which weights to export (selected: ema.select)."""
+    opset: int = 17
+    """ONNX opset (the TorchScript exporter writes 17 as a single file)."""
+    verify_images: int = 32
+    """Validation images compared between onnxruntime and PyTorch."""
+    atol: float = 1e-4
+    """Largest allowed |logit difference| between onnxruntime and PyTorch (fp32)."""
+
+
+@dataclass
+class HooksConfig:
+    """Epoch hooks (observers) that run on the main process."""
+
+    enabled: list[str] = field(
+        default_factory=lambda: [
+            "dataset_stats",
+            "model_info",
+            "augment_preview",
+            "confusion_matrix",
+            "history",
+            "sample_predictions",
+            "sampler_distribution",
+            "export",
+        ]
+    )
+    """Hooks to run, by name."""
+    sample_grid: int = 16
+    """Images in the sample-predictions grid."""
+    confusion_every: int = 1
+    """Write the confusion matrix every N epochs (and always at the last one)."""
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    name: str = "run"
+    """Recipe name; the default run directory is runs/<name>."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory: ``train.output_dir`` or ``runs/<name>``."""
+        return Path(self.train.output_dir or os.path.join("runs", self.name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of YAML input (before simple-parsing, so the messages can name file and line).
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, where: str) -> None:
+    """Raise RecipeError(where + reason) if ``value`` does not fit the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise RecipeError(f"{where}: {value!r} is not a valid choice; choose one of {choices}")
+        return
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                _check_value(value, a, where)
+                return
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        for i, item in enumerate(value):
+            _check_value(item, args[0], f"{where}[{i}]")
+        return
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RecipeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        for i, (item, a) in enumerate(zip(value, args, strict=True)):
+            _check_value(item, a, f"{where}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        for k, v in value.items():
+            _check_value(k, args[0], f"{where} key")
+            _check_value(v, args[1], f"{where}.{k}")
+        return
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        return
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                float(value)
+                return
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        return
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r} (quote it in YAML)")
+        return
+    raise RecipeError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _line_of(node: yaml.Node | None, dotted: list[str]) -> int | None:
+    """1-based line of the key at ``dotted`` in a composed YAML tree (None if not found)."""
+    line = None
+    for key in dotted:
+        if not isinstance(node, yaml.MappingNode):
+            return line
+        for k, v in node.value:
+            if k.value == key:
+                line = k.start_mark.line + 1
+                node = v
+                break
+        else:
+            return line
+    return line
+
+
+def _validate_mapping(
+    data: dict[str, Any], cls: type, path: list[str], source: str, root: yaml.Node | None
+) -> None:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        keypath = [*path, str(key)]
+        dotted = ".".join(keypath)
+        line = _line_of(root, keypath)
+        where = f"{source}:{line}: {dotted}" if line else f"{source}: {dotted}"
+        if key not in names:
+            valid = ", ".join(sorted(names))
+            raise RecipeError(f"{where}: unknown key; valid keys here are: {valid}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields")
+            _validate_mapping(value, tp, keypath, source, root)  # type: ignore[arg-type]
+        else:
+            _check_value(value, tp, where)
+
+
+def validate_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a recipe YAML and check every key and value against :class:`Recipe`.
+
+    Returns the parsed mapping. Raises RecipeError naming the file, line and dotted key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found (see recipes/ for examples)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections (data:, model:, ...)")
+    _validate_mapping(data, Recipe, [], str(path), root)
+    return data
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Semantic checks that types alone cannot express (run after CLI overrides)."""
+    problems: list[str] = []
+    if recipe.data.image_size < 16:
+        problems.append("data.image_size must be >= 16")
+    if recipe.data.batch_size < 1:
+        problems.append("data.batch_size must be >= 1")
+    if recipe.data.num_workers < 0:
+        problems.append("data.num_workers must be >= 0")
+    if recipe.train.epochs < 1:
+        problems.append("train.epochs must be >= 1")
+    if recipe.train.grad_accum_steps < 1:
+        problems.append("train.grad_accum_steps must be >= 1")
+    if recipe.optim.lr <= 0:
+        problems.append("optim.lr must be > 0")
+    if not 0.0 <= recipe.loss.label_smoothing < 1.0:
+        problems.append("loss.label_smoothing must be in [0, 1)")
+    if recipe.data.sampler == "manual" and not recipe.data.sampler_weights:
+        problems.append("data.sampler=manual needs data.sampler_weights {label: weight}")
+    if problems:
+        raise RecipeError("invalid recipe: " + "; ".join(problems))
+
+
+def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
+    """Parse ``--recipe FILE.yaml [FILE2.yaml ...]`` plus dotted overrides into a Recipe.
+
+    Every YAML is validated first; ``--help`` lists every field with its docstring.
+    """
+    import simple_parsing
+    from simple_parsing import ArgumentGenerationMode, NestedMode
+
+    args = list(argv) if argv is not None else None
+    for recipe_file in _recipe_files(args):
+        validate_yaml(recipe_file)
+    recipe: Recipe = simple_parsing.parse(
+        Recipe,
+        args=args,
+        add_config_path_arg="recipe",
+        argument_generation_mode=ArgumentGenerationMode.NESTED,
+        nested_mode=NestedMode.WITHOUT_ROOT,
+        description="Train an image classifier (timm + Accelerate). Flags override the recipe.",
+    )
+    _normalise(recipe)
+    check_recipe(recipe)
+    return recipe
+
+
+def _recipe_files(argv: list[str] | None) -> list[str]:
+    import sys
+
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    files: list[str] = []
+    for i, tok in enumerate(tokens):
+        if tok.startswith("--recipe="):
+            files.append(tok.split("=", 1)[1])
+        elif tok == "--recipe":
+            for nxt in tokens[i + 1 :]:
+                if nxt.startswith("-"):
+                    break
+                files.append(nxt)
+    return files
+
+
+def _normalise(recipe: Recipe) -> None:
+    """Coerce values simple-parsing leaves as strings (e.g. YAML ``3e-4``) to their field types."""
+
+    def walk(obj: Any) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(value):
+                walk(value)
+            elif tp is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+                setattr(obj, f.name, float(value))
+            elif typing.get_origin(tp) is tuple and isinstance(value, list):
+                setattr(obj, f.name, tuple(value))
+            elif tp == (float | None) and isinstance(value, (str, int)):
+                setattr(obj, f.name, float(value))
+
+    walk(recipe)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe file (validated) with optional CLI-style overrides; for code and tests."""
+    return parse_recipe(["--recipe", str(path), *overrides])
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain nested dict of the recipe (tuples as lists), suitable for YAML/JSON/W&B."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(recipe))  # type: ignore[no-any-return]
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
