@@ -1,0 +1,132 @@
+"""Plain torch DataLoaders for train/val/test (the caller passes them to ``accelerator.prepare``).
+
+Train: ``shuffle=True`` when no weighted sampler (Accelerate's seedable sampler replaces the
+``RandomSampler``), otherwise the :class:`WeightedClassSampler`; ``drop_last=False``. Val/test:
+in order, ``eval_batch_size`` (or ``batch_size``). Workers persist for train and val (used every
+epoch), not for test (used once). No ``worker_init_fn``: train-time randomness is
+seeded per sample from ``(seed, epoch, index)``, see :mod:`classifier_training.data.dataset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from classifier_training.data.dataset import ImageDataset, Item
+from classifier_training.data.imbalance import WeightedClassSampler, build_sampler
+from classifier_training.data.index import DataError, DatasetIndex, index_dataset
+from classifier_training.recipe import DataConfig
+
+
+@dataclass
+class Loaders:
+    """The three loaders, their datasets, the sampler (None when disabled) and the index."""
+
+    train: DataLoader[Item]
+    val: DataLoader[Item]
+    test: DataLoader[Item] | None
+    train_dataset: ImageDataset
+    val_dataset: ImageDataset
+    test_dataset: ImageDataset | None
+    sampler: WeightedClassSampler | None
+    index: DatasetIndex
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the train randomness (JPEG draws, weighted sampler) for ``epoch``."""
+        self.train_dataset.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+
+def load_index(cfg: DataConfig) -> DatasetIndex:
+    """Index ``cfg.root``; first render the synthetic dataset there when it is missing (or an
+    empty folder) and ``cfg.generate_if_missing`` is set."""
+    root = Path(cfg.root)
+    if cfg.generate_if_missing and (not root.exists() or not any(root.iterdir())):
+        from classifier_training.synthetic import ensure_synthetic
+
+        ensure_synthetic(root, cfg.synthetic)
+    return index_dataset(
+        root,
+        format=cfg.format,
+        train=cfg.train_split,
+        val=cfg.val_split,
+        test=cfg.test_split,
+    )
+
+
+def _loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    cfg: DataConfig,
+    *,
+    shuffle: bool = False,
+    sampler: WeightedClassSampler | None = None,
+    persistent: bool = True,
+) -> DataLoader[Item]:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        drop_last=False,
+        persistent_workers=persistent and cfg.num_workers > 0,
+    )
+
+
+def build_loaders(
+    cfg: DataConfig,
+    index: DatasetIndex,
+    *,
+    jpeg_p: float,
+    jpeg_quality: tuple[int, int],
+    seed: int,
+) -> Loaders:
+    """Datasets, sampler and loaders for ``index`` as configured by ``cfg``.
+
+    ``jpeg_p`` is the effective per-sample JPEG re-encode probability (the augmentation preset
+    resolves it); ``seed`` seeds the sampler and the per-sample draws.
+    """
+    val_split = index.val
+    if val_split is None:
+        raise DataError(
+            f"{index.root}: training needs a validation split (data.val_split is empty)"
+        )
+    if cfg.batch_size < 1:
+        raise DataError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+    eval_batch = cfg.eval_batch_size or cfg.batch_size
+    train_ds = ImageDataset(
+        index.train.samples,
+        mode="train",
+        image_size=cfg.image_size,
+        train_fit=cfg.train_fit,
+        jpeg_p=jpeg_p,
+        jpeg_quality=jpeg_quality,
+        seed=seed,
+    )
+    val_ds = ImageDataset(val_split.samples, mode="eval", image_size=cfg.image_size)
+    test_split = index.test
+    test_ds = (
+        ImageDataset(test_split.samples, mode="eval", image_size=cfg.image_size)
+        if test_split is not None
+        else None
+    )
+    sampler = build_sampler(
+        cfg.sampler, train_ds.targets, index.class_to_idx, cfg.sampler_weights, seed
+    )
+    train_dl = _loader(train_ds, cfg.batch_size, cfg, shuffle=sampler is None, sampler=sampler)
+    return Loaders(
+        train=train_dl,
+        val=_loader(val_ds, eval_batch, cfg),
+        test=_loader(test_ds, eval_batch, cfg, persistent=False) if test_ds is not None else None,
+        train_dataset=train_ds,
+        val_dataset=val_ds,
+        test_dataset=test_ds,
+        sampler=sampler,
+        index=index,
+    )
