@@ -1,0 +1,31 @@
+"""Batched train augmentation on the training device, presets, and a preview grid.
+
+``BatchAugment(resolve(recipe.augment), size)(images_uint8, generator)`` turns the loader's
+uint8 ``[B, 3, S, S]`` batch into normalised float32 with per-sample random parameters drawn
+from ``generator``; ``normalize_batch`` is the deterministic evaluation preprocessing.
+"""
+
+from classifier_training.augment.pipeline import BatchAugment, normalize_batch
+from classifier_training.augment.presets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    AugmentParams,
+    imagenet,
+    jersey,
+    none,
+    resolve,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "AugmentParams",
+    "BatchAugment",
+    "imagenet",
+    "jersey",
+    "none",
+    "normalize_batch",
+    "resolve",
+]
