@@ -1,0 +1,96 @@
+"""The epoch-hook interface: small observers called at fit start, each epoch end and fit end.
+
+Hooks never run inside the step loop. A hook that writes files does so on the main process only
+(``ctx.accelerator.is_main_process``); the engine calls ``accelerator.wait_for_everyone()`` after
+each hook round, so other processes simply wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from timm.utils.model_ema import ModelEmaV3
+
+    from classifier_training.augment.pipeline import BatchAugment
+    from classifier_training.data.index import DatasetIndex
+    from classifier_training.data.loaders import Loaders
+    from classifier_training.recipe import Recipe
+
+
+@dataclass
+class EvalResult:
+    """One evaluation pass over a split, gathered across processes (each sample once).
+
+    ``logits`` and ``targets`` are in dataset order on the CPU; ``images`` holds the first
+    ``len(images)`` samples of the split as uint8 [k, 3, S, S] (for sample grids).
+    """
+
+    split: str
+    weights: str  # "ema" or "raw"
+    loss: float
+    logits: torch.Tensor  # float32 [N, C]
+    targets: torch.Tensor  # int64 [N]
+    indices: torch.Tensor  # int64 [N], positions in the split's sample list
+    images: torch.Tensor  # uint8 [k, 3, S, S]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def preds(self) -> torch.Tensor:
+        """Top-1 predicted class per sample."""
+        return self.logits.argmax(dim=1)
+
+
+@dataclass
+class FitContext:
+    """Everything a hook may look at; the engine fills and updates it."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    run_dir: Path
+    index: DatasetIndex
+    loaders: Loaders
+    model: torch.nn.Module  # as prepared by Accelerate (may be DDP-wrapped)
+    ema: ModelEmaV3 | None
+    augment: BatchAugment
+    class_names: list[str]  # index order
+    epoch: int = -1  # 0-based epoch that just ended (on_epoch_end), else -1
+    is_last_epoch: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)  # this epoch's metrics
+    evals: dict[str, EvalResult] = field(
+        default_factory=dict
+    )  # "val", "val_raw", "val_ema", "test"
+    best_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None
+    log_images: Callable[[dict[str, Path]], None] = lambda images: None  # to the trackers
+    extra: dict[str, Any] = field(default_factory=dict)  # hooks may leave notes for others
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The bare model (no DDP / compile wrapper)."""
+        return self.accelerator.unwrap_model(self.model)  # type: ignore[no-any-return]
+
+    def epoch_dir(self) -> Path:
+        """``runs/<name>/epochs/<NNN>/`` for the current epoch (1-based in the name)."""
+        path = self.run_dir / "epochs" / f"{self.epoch + 1:03d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class Hook:
+    """Base class: override what you need. ``name`` is the recipe's ``hooks.enabled`` entry."""
+
+    name = "hook"
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        """Before the first epoch (also after a resume)."""
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        """After evaluation and checkpointing of ``ctx.epoch``."""
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        """After the last epoch (or early stop), with ``ctx.best_checkpoint`` final."""

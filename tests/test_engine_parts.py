@@ -1,0 +1,193 @@
+"""Library pieces of the engine, each alone: schedule, loss, metrics, checkpoints, precision."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from classifier_training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    TrainerState,
+    find_resume_checkpoint,
+    load_weights,
+    resolve_checkpoint,
+)
+from classifier_training.metrics import classification_metrics
+from classifier_training.optim import (
+    build_criterion,
+    build_optimizer,
+    build_scheduler,
+    updates_per_epoch,
+)
+from classifier_training.recipe import LossConfig, OptimConfig, ScheduleConfig
+from classifier_training.runtime import resolve_mixed_precision
+
+
+@pytest.fixture
+def accelerator() -> Accelerator:
+    AcceleratorState._reset_state(True)
+    acc = Accelerator(cpu=True)
+    yield acc
+    AcceleratorState._reset_state(True)
+
+
+def lrs(cfg: ScheduleConfig, lr: float, epochs: int, upe: int) -> list[float]:
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = build_scheduler(cfg, opt, lr=lr, epochs=epochs, updates_per_epoch=upe)
+    out = []
+    for n in range(epochs * upe + 1):
+        sched.step_update(n)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def test_schedule_warmup_then_cosine_per_update() -> None:
+    lr, epochs, upe = 5e-4, 10, 4
+    values = lrs(
+        ScheduleConfig(warmup_epochs=5, warmup_lr_factor=1e-3, min_lr_factor=0.05), lr, epochs, upe
+    )
+    warm = 20
+    assert values[0] == pytest.approx(lr * 1e-3)
+    # linear warmup: the midpoint is halfway between start and peak
+    assert values[10] == pytest.approx(lr * 1e-3 + (lr - lr * 1e-3) * 10 / warm)
+    assert values[warm] == pytest.approx(lr)  # peak reached exactly (warmup_prefix)
+    total = epochs * upe
+    n = 30
+    expected = lr * 0.05 + 0.5 * (lr - lr * 0.05) * (
+        1 + math.cos(math.pi * (n - warm) / (total - warm))
+    )
+    assert values[n] == pytest.approx(expected)
+    assert values[total] == pytest.approx(lr * 0.05)
+    assert all(b <= a + 1e-12 for a, b in zip(values[warm:], values[warm + 1 :], strict=False))
+
+
+def test_short_run_still_warms_up() -> None:
+    values = lrs(ScheduleConfig(warmup_epochs=5), 1e-3, epochs=2, upe=3)
+    assert values[0] < values[3] < values[5]  # warmup spans the whole short run
+    assert max(values) <= 1e-3 + 1e-12
+
+
+def test_updates_per_epoch_counts_partial_window() -> None:
+    assert updates_per_epoch(10, 1) == 10
+    assert updates_per_epoch(10, 4) == 3
+    assert updates_per_epoch(0, 4) == 1
+
+
+def test_criterion_weights_and_smoothing() -> None:
+    w = torch.tensor([0.5, 1.5])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1])
+    crit = build_criterion(LossConfig(class_weights="inverse", label_smoothing=0.1), w)
+    ref = torch.nn.functional.cross_entropy(logits, y, weight=w, label_smoothing=0.1)
+    assert float(crit(logits, y)) == pytest.approx(float(ref))
+    plain = build_criterion(LossConfig(class_weights="none", label_smoothing=0.0), w)
+    assert float(plain(logits, y)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, y))
+    )
+
+
+def test_optimizer_adamw_settings() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = build_optimizer(OptimConfig(lr=1e-3, weight_decay=0.1), model)
+    assert isinstance(opt, torch.optim.AdamW)
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, 0.1]  # biases and norm weights are not decayed
+
+
+def test_metrics_micro_top5_per_class() -> None:
+    names = ["0", "00", "1", "10", "2", "3"]
+    logits = torch.eye(6)[[0, 1, 2, 3, 4, 0]]  # last sample (class 5) predicted as 0
+    logits[5, 5] = 0.5  # class 5 ranks second -> top-5 hit
+    targets = torch.tensor([0, 1, 2, 3, 4, 5])
+    m = classification_metrics(logits, targets, names, "val")
+    assert m["val/acc_top1"] == pytest.approx(5 / 6)  # micro, not macro
+    assert m["val/acc_top5"] == pytest.approx(1.0)
+    assert m["val/acc_class/3"] == pytest.approx(0.0)
+    assert m["val/acc_class/0"] == pytest.approx(1.0)
+    # a class absent from the targets has no per-class key
+    m2 = classification_metrics(logits[:5], targets[:5], names, "val")
+    assert "val/acc_class/3" not in m2 and m2["val/acc_top1"] == pytest.approx(1.0)
+
+
+def test_mixed_precision_resolution() -> None:
+    assert resolve_mixed_precision("auto", cuda=True) == "fp16"
+    assert resolve_mixed_precision("auto", cuda=False) in ("bf16", "no")
+    assert resolve_mixed_precision("no", cuda=False) == "no"
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        resolve_mixed_precision("fp16", cuda=False)
+
+
+def _save(
+    acc: Accelerator,
+    mgr: CheckpointManager,
+    name: str,
+    epoch: int,
+    value: float | None,
+    model: torch.nn.Module,
+) -> Path:
+    return mgr.save(acc, name, TrainerState(epoch=epoch, updates=epoch * 10), model, value)
+
+
+def test_checkpoint_top_k_ledger_and_pruning(tmp_path: Path, accelerator: Accelerator) -> None:
+    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    ema = torch.nn.Linear(3, 2)
+    mgr = CheckpointManager(tmp_path, "val/acc_top1", "max", keep_top_k=2)
+    for epoch, value in enumerate([0.5, 0.7, 0.6, 0.65], start=1):
+        _save(accelerator, mgr, f"epoch-{epoch:03d}", epoch, value, ema)
+    root = tmp_path / "checkpoints"
+    kept = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert kept == ["epoch-002", "epoch-004"]  # top-2 by value (0.7, 0.65); last is 004
+    ledger = json.loads((root / "ledger.json").read_text())
+    assert [e["name"] for e in ledger["best"]] == ["epoch-002", "epoch-004"]
+    assert ledger["last"] == "epoch-004"
+    assert resolve_checkpoint(tmp_path, "best").name == "epoch-002"
+    assert resolve_checkpoint(tmp_path, "last").name == "epoch-004"
+    # a new manager (resume) keeps the ledger
+    mgr2 = CheckpointManager(tmp_path, "val/acc_top1", "max", keep_top_k=2)
+    assert mgr2.best_path == root / "epoch-002"
+    sd = load_weights(root / "epoch-002", "ema")
+    assert set(sd) == {"weight", "bias"}
+    assert torch.equal(sd["weight"], ema.weight.detach())
+    raw = load_weights(root / "epoch-002", "raw")
+    assert torch.equal(raw["weight"], model.weight.detach())
+
+
+def test_checkpoint_min_mode_and_step_checkpoints(tmp_path: Path, accelerator: Accelerator) -> None:
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    mgr = CheckpointManager(tmp_path, "val/loss", "min", keep_top_k=1)
+    _save(accelerator, mgr, "epoch-001", 1, 0.9, torch.nn.Linear(2, 2))
+    _save(accelerator, mgr, "step-0000015", 1, None, torch.nn.Linear(2, 2))
+    _save(accelerator, mgr, "epoch-002", 2, 1.2, torch.nn.Linear(2, 2))
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["epoch-001", "epoch-002"]  # step checkpoint pruned once superseded
+    assert mgr.best_path is not None and mgr.best_path.name == "epoch-001"
+
+
+def test_interrupted_save_leaves_previous_checkpoint(
+    tmp_path: Path, accelerator: Accelerator
+) -> None:
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    mgr = CheckpointManager(tmp_path, "val/acc_top1", "max", keep_top_k=1)
+    _save(accelerator, mgr, "epoch-001", 1, 0.5, torch.nn.Linear(2, 2))
+    # a kill during the next save leaves only a .tmp- folder behind: the ledger still points to
+    # the complete checkpoint, and the next save cleans the leftover up
+    (tmp_path / "checkpoints" / ".tmp-epoch-002").mkdir()
+    assert find_resume_checkpoint("auto", tmp_path).name == "epoch-001"
+    _save(accelerator, mgr, "epoch-002", 2, 0.6, torch.nn.Linear(2, 2))
+    assert not (tmp_path / "checkpoints" / ".tmp-epoch-002").exists()
+
+
+def test_resume_target_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        find_resume_checkpoint("auto", tmp_path)
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
+        find_resume_checkpoint(str(tmp_path / "elsewhere"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"ledger\.json"):
+        resolve_checkpoint(tmp_path, "best")
