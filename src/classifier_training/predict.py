@@ -1,0 +1,60 @@
+"""Classify images with an exported model (onnxruntime, no torch).
+
+    python -m classifier_training.predict --model runs/<name>/export a.jpg b.jpg --top-k 3
+
+Prints one JSON document: ``[{"image": path, "predictions": [{"class_id", "label",
+"confidence"}, ...]}, ...]`` with softmax confidences, most confident first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from classifier_training.data.preprocess import open_rgb
+from classifier_training.inference import OnnxClassifier
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m classifier_training.predict",
+        description="Top-k labels with softmax confidences from an exported ONNX model.",
+    )
+    p.add_argument("--model", required=True, help="export folder (model.onnx + labels) or .onnx")
+    p.add_argument("--labels", default=None, help="labels_mapping.json (default: beside model)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per onnxruntime call")
+    p.add_argument("images", nargs="+", help="image files")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        print("error: --top-k and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        clf = OnnxClassifier(args.model, args.labels)
+        results = []
+        for start in range(0, len(args.images), args.batch_size):
+            paths = args.images[start : start + args.batch_size]
+            images = []
+            for path in paths:
+                try:
+                    images.append(open_rgb(path))
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"{path}: cannot read image: {err}") from err
+            for path, preds in zip(paths, clf.predict(images, args.top_k), strict=True):
+                results.append({"image": str(Path(path)), "predictions": preds})
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Epoch hooks on hand-built FitContexts: files written, contents right, main process only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from classifier_training.augment.pipeline import BatchAugment
+from classifier_training.augment.presets import resolve
+from classifier_training.data.dataset import ImageDataset
+from classifier_training.data.imbalance import WeightedClassSampler
+from classifier_training.data.index import DatasetIndex, index_dataset
+from classifier_training.hooks import HOOKS, build_hooks, common
+from classifier_training.hooks import history as history_module
+from classifier_training.hooks.base import EvalResult, FitContext, Hook
+from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook, confusion_counts
+from classifier_training.hooks.dataset_stats import DatasetStatsHook, inspect_file
+from classifier_training.hooks.export import ExportHook
+from classifier_training.hooks.history import HistoryHook
+from classifier_training.hooks.model_info import ModelInfoHook, model_info
+from classifier_training.hooks.sample_predictions import (
+    SamplePredictionsHook,
+    plot_sample_predictions,
+)
+from classifier_training.hooks.sampler_distribution import SamplerDistributionHook
+from classifier_training.recipe import AugmentConfig, DataConfig, HooksConfig, Recipe, load_recipe
+from classifier_training.synthetic import DEFAULT_LABELS
+from conftest import write_image, write_jsonl_dataset
+from test_onnx_export import make_run
+
+SIZE = 32
+CLASSES = ("0", "00", "1", "10", "2")
+
+
+def fake_accelerator(main: bool = True) -> Any:
+    """What hooks use of an Accelerator: is_main_process, device, print, unwrap_model."""
+    printed: list[str] = []
+    return SimpleNamespace(
+        is_main_process=main,
+        device=torch.device("cpu"),
+        print=lambda *a, **k: printed.append(" ".join(map(str, a))),
+        unwrap_model=lambda m: m,
+        printed=printed,
+    )
+
+
+def make_ctx(
+    run_dir: Path,
+    *,
+    class_names: tuple[str, ...] = CLASSES,
+    index: DatasetIndex | None = None,
+    loaders: Any = None,
+    model: torch.nn.Module | None = None,
+    augment: Any = None,
+    recipe: Recipe | None = None,
+    main: bool = True,
+) -> FitContext:
+    logged: dict[str, Path] = {}
+    ctx = FitContext(
+        recipe=recipe or Recipe(data=DataConfig(image_size=SIZE)),
+        accelerator=fake_accelerator(main),
+        run_dir=run_dir,
+        index=cast(Any, index),
+        loaders=loaders,
+        model=model or torch.nn.Identity(),
+        ema=None,
+        augment=augment,
+        class_names=list(class_names),
+        log_images=logged.update,
+    )
+    ctx.extra["logged"] = logged
+    return ctx
+
+
+def assert_png(path: Path, min_side: int = 200) -> tuple[int, int]:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side
+        return im.size
+
+
+def eval_result(
+    targets: list[int], preds: list[int], num_classes: int, images: torch.Tensor | None = None
+) -> EvalResult:
+    logits = torch.full((len(targets), num_classes), -2.0)
+    logits[torch.arange(len(preds)), torch.tensor(preds)] = 3.0
+    return EvalResult(
+        split="val",
+        weights="ema",
+        loss=0.5,
+        logits=logits,
+        targets=torch.tensor(targets),
+        indices=torch.arange(len(targets)),
+        images=images if images is not None else torch.empty(0, 3, 1, 1, dtype=torch.uint8),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_registry_matches_the_recipe_defaults() -> None:
+    assert set(HOOKS) == set(HooksConfig().enabled)
+    hooks = build_hooks(["history", "export"])
+    assert [h.name for h in hooks] == ["history", "export"]
+    assert all(isinstance(h, Hook) for h in hooks)
+    with pytest.raises(ValueError, match=r"unknown hook.*'nope'.*valid hooks: dataset_stats"):
+        build_hooks(["history", "nope"])
+    with pytest.raises(ValueError, match="listed twice"):
+        build_hooks(["history", "history"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Confusion matrix
+
+
+def confusion_case(num_classes: int) -> tuple[list[int], list[int]]:
+    """6 samples per class; class 1 is mostly read as class 2, every 5th class loses one."""
+    targets, preds = [], []
+    for c in range(num_classes):
+        for k in range(6):
+            targets.append(c)
+            if c == 1 and k < 4:
+                preds.append(2)
+            elif c % 5 == 0 and k == 0:
+                preds.append((c + 3) % num_classes)
+            else:
+                preds.append(c)
+    return targets, preds
+
+
+def test_confusion_matrix_at_42_classes(tmp_path: Path) -> None:
+    names = DEFAULT_LABELS
+    assert len(names) == 42
+    targets, preds = confusion_case(len(names))
+    ctx = make_ctx(tmp_path, class_names=names)
+    ctx.epoch = 0
+    ctx.evals = {"val": eval_result(targets, preds, len(names))}
+    ConfusionMatrixHook().on_epoch_end(ctx)
+    out = tmp_path / "epochs" / "001"
+    assert_png(out / "confusion_matrix.png", min_side=1500)
+    assert_png(out / "confusion_matrix_normalized.png", min_side=1500)
+    pairs = json.loads((out / "confused_pairs.json").read_text())
+    assert pairs["epoch"] == 1 and pairs["weights"] == "ema"
+    top = pairs["pairs"][0]
+    assert (top["true"], top["predicted"], top["count"]) == (names[1], names[2], 4)
+    assert top["rate"] == pytest.approx(4 / 6)
+    counts = [p["count"] for p in pairs["pairs"]]
+    assert counts == sorted(counts, reverse=True)
+    assert any("most confused" in line for line in ctx.accelerator.printed)
+    assert set(ctx.extra["logged"]) == {"val/confusion_matrix", "val/confusion_matrix_normalized"}
+
+
+def test_confusion_counts_rows_are_true_classes() -> None:
+    cm = confusion_counts(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_confusion_matrix_every_n_epochs_and_always_the_last(tmp_path: Path) -> None:
+    recipe = Recipe(hooks=HooksConfig(confusion_every=2))
+    ctx = make_ctx(tmp_path, recipe=recipe)
+    ctx.evals = {"val": eval_result([0, 1, 2], [0, 2, 2], len(CLASSES))}
+    hook = ConfusionMatrixHook()
+    ctx.epoch = 0
+    hook.on_epoch_end(ctx)
+    assert not (tmp_path / "epochs" / "001" / "confusion_matrix.png").exists()
+    ctx.epoch = 1
+    hook.on_epoch_end(ctx)
+    assert (tmp_path / "epochs" / "002" / "confusion_matrix.png").is_file()
+    ctx.epoch, ctx.is_last_epoch = 2, True
+    hook.on_epoch_end(ctx)
+    assert (tmp_path / "epochs" / "003" / "confusion_matrix.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset statistics
+
+
+def test_dataset_stats_report(tmp_path: Path) -> None:
+    per_split: dict[str, Any] = {
+        "train": {"0": 6, "00": 2, "1": 3, "10": 3, "2": 1},
+        "valid": {"0": 2, "00": 2, "1": 2, "10": 2},
+        "test": 1,
+    }
+    root = tmp_path / "data"
+    for split, width in (("train", 40), ("valid", 44), ("test", 48)):
+        # Different sizes per split: the fixture's images would otherwise repeat across splits.
+        write_jsonl_dataset(
+            root, CLASSES, {split: per_split[split]}, size=(width, 32), metadata=True
+        )
+    # A train image copied byte for byte into valid (a leak), an unknown label, a tiny image.
+    shutil.copy(root / "train" / "c00_000.jpg", root / "valid" / "leak.jpg")
+    write_image(root / "test" / "tiny.jpg", (10, 200, 10), size=(8, 8))
+    with (root / "valid" / "annotations.jsonl").open("a") as fh:
+        fh.write(json.dumps({"image": "leak.jpg", "suffix": "0"}) + "\n")
+        fh.write(json.dumps({"image": "c00_001.jpg", "suffix": "99"}) + "\n")
+    with (root / "test" / "annotations.jsonl").open("a") as fh:
+        fh.write(json.dumps({"image": "tiny.jpg", "suffix": "1"}) + "\n")
+    index = index_dataset(root)
+    ctx = make_ctx(tmp_path / "run", index=index)
+    DatasetStatsHook().on_fit_start(ctx)
+
+    stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
+    assert stats["class_counts"]["train"] == per_split["train"]
+    assert stats["class_counts"]["valid"]["0"] == 3
+    assert stats["totals"] == {"train": 15, "valid": 9, "test": 6}
+    assert stats["imbalance_ratio"] == pytest.approx(6.0)
+    assert (stats["largest_class"], stats["smallest_class"]) == ("0", "2")
+    assert stats["missing_classes"]["valid"] == ["2"]
+    assert stats["skipped_unknown_label_rows"] == {"train": 0, "valid": 1, "test": 0}
+    dup = stats["duplicates"]
+    assert dup["cross_split_groups"] == 1 and dup["label_conflict_groups"] == 0
+    assert {f["split"] for f in dup["cross_split_examples"][0]["files"]} == {"train", "valid"}
+    assert stats["tiny_count"] == 1 and stats["tiny"][0]["path"].endswith("tiny.jpg")
+    assert stats["unreadable_count"] == 0
+    assert stats["image_sizes"]["width"]["max"] == 48
+    colours = stats["metadata"]["train"]["jersey_color"]
+    assert sum(colours.values()) == 15 and colours["white"] == 6
+    assert_png(tmp_path / "run" / "dataset_class_counts.png")
+    assert_png(tmp_path / "run" / "dataset_image_sizes.png")
+    text = "\n".join(ctx.accelerator.printed)
+    assert (
+        "smallest class): 6.0x ('0' / '2')" in text and "valid: no images of 1 class(es): 2" in text
+    )
+
+
+def test_inspect_file_reports_unreadable(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    facts = inspect_file(bad)
+    assert facts.error and facts.sha1
+    assert inspect_file(tmp_path / "missing.jpg").error.startswith("cannot read")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model info
+
+
+def test_model_info_counts_flops_exactly_for_a_linear_model(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    model.train()
+    info = model_info(model, 16, runs=2)
+    assert info["total_params"] == 768 * 10 + 10
+    assert info["trainable_params"] == info["total_params"]
+    assert info["gflops"] == pytest.approx(2 * 768 * 10 / 1e9)
+    assert info["size_mb"] == pytest.approx((768 * 10 + 10) * 4 / 2**20)
+    assert info["cpu_latency_ms"] > 0
+    assert model.training  # the hook works on a copy
+
+    ctx = make_ctx(tmp_path, model=model, recipe=Recipe(data=DataConfig(image_size=16)))
+    ModelInfoHook().on_fit_start(ctx)
+    written = json.loads((tmp_path / "model_info.json").read_text())
+    assert written["total_params"] == 7690 and written["num_classes"] == len(CLASSES)
+    assert any("GFLOPs" in line for line in ctx.accelerator.printed)
+
+
+# ---------------------------------------------------------------------------------------------
+# History
+
+
+def metrics_row(e: int) -> dict[str, float]:
+    return {
+        "epoch": float(e),
+        "train/loss": 2.0 / e,
+        "train/acc_top1": 0.2 * e,
+        "train/lr": 1e-3 * e,
+        "val/loss": 2.2 / e,
+        "val/acc_top1": 0.15 * e,
+        "val/acc_top5": 0.3 * e,
+        "val_raw/acc_top1": 0.14 * e,
+        "val_ema/acc_top1": 0.15 * e,
+        "val_raw/loss": 2.3 / e,
+        "val_ema/loss": 2.2 / e,
+    }
+
+
+def test_history_includes_the_current_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    figures: dict[str, Figure] = {}
+    real_save: Callable[[Figure, Path], Path] = common.save_figure
+
+    def capture(fig: Figure, path: Path, dpi: int = 150) -> Path:
+        figures[path.name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(history_module, "save_figure", capture)
+    ctx = make_ctx(tmp_path)
+    hook = HistoryHook()
+    for k in (1, 2, 3):
+        with metrics.open("a") as fh:  # the engine appends epoch k's line, then calls hooks
+            fh.write(json.dumps(metrics_row(k)) + "\n")
+        ctx.epoch = k - 1
+        hook.on_epoch_end(ctx)
+        for name in ("loss.png", "accuracy.png", "lr.png"):
+            assert_png(tmp_path / "history" / name)
+            lines = figures[name].axes[0].get_lines()
+            assert lines and all(max(np.asarray(line.get_xdata())) == k for line in lines)
+    labels = {line.get_label() for line in figures["accuracy.png"].axes[0].get_lines()}
+    assert labels == {
+        "train/acc_top1",
+        "val/acc_top1 (selected weights)",
+        "val/acc_top5 (selected weights)",
+        "val_raw/acc_top1",
+        "val_ema/acc_top1",
+    }
+    labels = {line.get_label() for line in figures["loss.png"].axes[0].get_lines()}
+    assert labels == {"train/loss", "val/loss (selected weights)", "val_raw/loss", "val_ema/loss"}
+
+
+def test_history_keeps_the_last_line_of_a_replayed_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"epoch": 1.0, "train/loss": 9.0}\n{"epoch": 1.0, "train/loss": 1.0}\n{truncated\n'
+    )
+    rows = history_module.read_history(path)
+    assert rows == [{"epoch": 1.0, "train/loss": 1.0}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample predictions
+
+
+def test_sample_predictions_grid(tmp_path: Path) -> None:
+    k = 6
+    images = torch.randint(0, 255, (k, 3, SIZE, SIZE), dtype=torch.uint8)
+    targets = [0, 1, 2, 3, 4, 0, 1, 2]
+    preds = [0, 2, 2, 3, 0, 0, 1, 2]  # images 1 and 4 are wrong
+    ev = eval_result(targets, preds, len(CLASSES), images=images)
+    fig = plot_sample_predictions(ev, list(CLASSES), k, "t")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == k
+    assert titles[0].startswith("true '00'\npred '1'") and titles[1].startswith("true '2'")
+    assert fig.axes[0].title.get_color() != fig.axes[2].title.get_color()
+    assert "%" in titles[0]
+
+    ctx = make_ctx(tmp_path, recipe=Recipe(hooks=HooksConfig(sample_grid=k)))
+    ctx.epoch = 4
+    ctx.evals = {"val": ev}
+    SamplePredictionsHook().on_epoch_end(ctx)
+    assert_png(tmp_path / "epochs" / "005" / "sample_predictions.png")
+    assert "val/sample_predictions" in ctx.extra["logged"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation preview, sampler distribution
+
+
+def test_augment_preview(tmp_path: Path) -> None:
+    root = write_jsonl_dataset(tmp_path / "data", CLASSES, {"train": 4, "valid": 1, "test": 1})
+    index = index_dataset(root)
+    train = ImageDataset(index.train.samples, mode="train", image_size=SIZE)
+    augment = BatchAugment(resolve(AugmentConfig()), SIZE)
+    ctx = make_ctx(tmp_path / "run", loaders=SimpleNamespace(train_dataset=train), augment=augment)
+    from classifier_training.hooks.augment_preview import AugmentPreviewHook
+
+    AugmentPreviewHook().on_fit_start(ctx)
+    width, _ = assert_png(tmp_path / "run" / "augment_preview.png", min_side=SIZE * 4)
+    assert width > 16 * SIZE  # 16 columns of images
+
+
+def test_sampler_distribution(tmp_path: Path) -> None:
+    root = write_jsonl_dataset(
+        tmp_path / "data",
+        CLASSES,
+        {"train": {"0": 8, "00": 2, "1": 2, "10": 2, "2": 2}, "valid": 1, "test": 1},
+    )
+    index = index_dataset(root)
+    targets = index.train.targets
+    weights = [1.0 if t == 0 else 4.0 for t in targets]  # 8 vs 4 * 2: equal class shares
+    sampler = WeightedClassSampler(weights, num_samples=400, seed=3)
+    list(iter(sampler))
+    ctx = make_ctx(tmp_path / "run", index=index, loaders=SimpleNamespace(sampler=sampler))
+    ctx.epoch = 0
+    SamplerDistributionHook().on_epoch_end(ctx)
+    data = json.loads(
+        (tmp_path / "run" / "epochs" / "001" / "sampler_distribution.json").read_text()
+    )
+    classes = data["classes"]
+    assert data["num_samples"] == 400
+    assert sum(c["sampled"] for c in classes.values()) == 400
+    assert all(c["expected"] == pytest.approx(80.0) for c in classes.values())
+    assert classes["0"]["train_rows"] == 8
+    assert ctx.extra["sampler_counts"] == {k: v["sampled"] for k, v in classes.items()}
+    assert any("Sampler distribution" in line for line in ctx.accelerator.printed)
+
+    quiet = make_ctx(tmp_path / "run2", index=index, loaders=SimpleNamespace(sampler=None))
+    SamplerDistributionHook().on_epoch_end(quiet)
+    assert not (tmp_path / "run2").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Export at fit end; nothing on other processes
+
+
+def test_export_hook(tmp_path: Path) -> None:
+    fake = make_run(tmp_path)
+    run: Path = fake["run"]
+    recipe = load_recipe(run / "recipe.yaml")
+    recipe.export.verify_images = 4
+    ctx = make_ctx(run, recipe=recipe)
+    ctx.best_checkpoint = run / "checkpoints" / "epoch-001"
+    ExportHook().on_fit_end(ctx)
+    assert ctx.extra["export_dir"] == run / "export"
+    assert (run / "export" / "model.onnx").is_file()
+    assert ctx.extra["export_verification"]["top1_agree"] == "4/4"
+    assert any("top-1 agrees 4/4" in line for line in ctx.accelerator.printed)
+
+
+def test_hooks_write_nothing_on_other_processes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ctx = make_ctx(run, main=False, index=cast(Any, None))
+    ctx.epoch, ctx.is_last_epoch = 0, True
+    ctx.evals = {
+        "val": eval_result(
+            [0, 1], [0, 0], len(CLASSES), images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+        )
+    }
+    (run).mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1.0, "train/loss": 1.0}\n')
+    for cls in HOOKS.values():
+        hook = cls()
+        hook.on_fit_start(ctx)
+        hook.on_epoch_end(ctx)
+        hook.on_fit_end(ctx)
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
