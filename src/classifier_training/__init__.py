@@ -1,4 +1,4 @@
-"""classifier_training: train timm image classifiers under Accelerate, ship a verified ONNX bundle."""
+"""classifier_training: train timm image classifiers with Accelerate, ship a verified ONNX."""
 
 from importlib.metadata import PackageNotFoundError, version
 
