@@ -32,7 +32,9 @@ def test_defaults_without_recipe() -> None:
 
 
 def test_precedence_defaults_yaml_cli(tmp_path: Path) -> None:
-    path = write(tmp_path, "name: x\noptim:\n  lr: 3e-4\n  weight_decay: 0.5\ndata:\n  batch_size: 8\n")
+    path = write(
+        tmp_path, "name: x\noptim:\n  lr: 3e-4\n  weight_decay: 0.5\ndata:\n  batch_size: 8\n"
+    )
     recipe = load_recipe(path, ["--optim.lr", "1e-2", "--data.num_workers", "0"])
     assert recipe.optim.lr == pytest.approx(1e-2)  # CLI beats YAML
     assert recipe.optim.weight_decay == pytest.approx(0.5)  # YAML beats default
@@ -46,11 +48,34 @@ def test_precedence_defaults_yaml_cli(tmp_path: Path) -> None:
 def test_stable_cli_surface(tmp_path: Path) -> None:
     recipe = parse_recipe(
         [
-            "--data.root", "/d", "--data.format", "imagefolder", "--data.image_size", "96",
-            "--data.batch_size", "16", "--data.num_workers", "2", "--model.arch", "resnet50",
-            "--model.pretrained", "false", "--model.pretrained_file", "w.safetensors",
-            "--train.epochs", "3", "--train.seed", "7", "--train.output_dir", str(tmp_path),
-            "--train.resume", "auto", "--optim.lr", "0.1", "--logging.wandb", "true",
+            "--data.root",
+            "/d",
+            "--data.format",
+            "imagefolder",
+            "--data.image_size",
+            "96",
+            "--data.batch_size",
+            "16",
+            "--data.num_workers",
+            "2",
+            "--model.arch",
+            "resnet50",
+            "--model.pretrained",
+            "false",
+            "--model.pretrained_file",
+            "w.safetensors",
+            "--train.epochs",
+            "3",
+            "--train.seed",
+            "7",
+            "--train.output_dir",
+            str(tmp_path),
+            "--train.resume",
+            "auto",
+            "--optim.lr",
+            "0.1",
+            "--logging.wandb",
+            "true",
         ]
     )
     assert recipe.data.root == "/d" and recipe.data.format == "imagefolder"
@@ -87,16 +112,25 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
 
 def test_invalid_choice_lists_valid_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "data:\n  format: csv\n")
-    with pytest.raises(RecipeError, match=r"data\.format: 'csv' is not a valid choice; choose one "
-                       r"of 'auto', 'jsonl', 'imagefolder'"):
+    with pytest.raises(
+        RecipeError,
+        match=r"data\.format: 'csv' is not a valid choice; choose one "
+        r"of 'auto', 'jsonl', 'imagefolder'",
+    ):
         load_recipe(path)
 
 
 def test_invalid_choice_on_cli_is_an_argparse_error() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "from classifier_training.recipe import parse_recipe; "
-         "parse_recipe(['--data.format', 'csv'])"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-c",
+            "from classifier_training.recipe import parse_recipe; "
+            "parse_recipe(['--data.format', 'csv'])",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert "invalid choice: 'csv'" in proc.stderr and "jsonl" in proc.stderr
@@ -108,7 +142,7 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 
 def test_semantic_checks() -> None:
-    with pytest.raises(RecipeError, match="data.batch_size must be >= 1"):
+    with pytest.raises(RecipeError, match=r"data\.batch_size must be >= 1"):
         parse_recipe(["--data.batch_size", "0"])
     with pytest.raises(RecipeError, match="sampler_weights"):
         parse_recipe(["--data.sampler", "manual"])
@@ -117,7 +151,9 @@ def test_semantic_checks() -> None:
 def test_round_trip_every_shipped_recipe(tmp_path: Path) -> None:
     shipped = sorted(RECIPE_DIR.glob("*.yaml"))
     assert {p.name for p in shipped} >= {
-        "basketball_r18.yaml", "basketball_r50.yaml", "quickstart.yaml"
+        "basketball_r18.yaml",
+        "basketball_r50.yaml",
+        "quickstart.yaml",
     }
     for path in shipped:
         recipe = load_recipe(path)
@@ -144,9 +180,14 @@ def test_reference_defaults_in_jersey_recipes() -> None:
 
 def test_help_lists_fields_with_docs() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "from classifier_training.recipe import parse_recipe; "
-         "parse_recipe(['--help'])"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-c",
+            "from classifier_training.recipe import parse_recipe; parse_recipe(['--help'])",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0
     for flag in ("--optim.lr", "--data.root", "--train.resume", "--model.pretrained_file"):

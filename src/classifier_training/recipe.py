@@ -411,10 +411,10 @@ def _validate_mapping(
             valid = ", ".join(sorted(names))
             raise RecipeError(f"{where}: unknown key; valid keys here are: {valid}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields")
-            _validate_mapping(value, tp, keypath, source, root)  # type: ignore[arg-type]
+            _validate_mapping(value, tp, keypath, source, root)
         else:
             _check_value(value, tp, where)
 
