@@ -14,14 +14,13 @@ The algorithm, top to bottom (the pieces live in ``classifier_training``):
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from timm.utils.model_ema import ModelEmaV3
@@ -42,7 +41,8 @@ from classifier_training.data.loaders import build_loaders, load_index
 from classifier_training.evaluation import evaluate
 from classifier_training.hooks import build_hooks
 from classifier_training.hooks.base import EvalResult, FitContext
-from classifier_training.model import create_model
+from classifier_training.model import PretrainedWeightsError, create_model
+from classifier_training.onnx_export import ExportError
 from classifier_training.optim import (
     build_criterion,
     build_optimizer,
@@ -51,6 +51,7 @@ from classifier_training.optim import (
 )
 from classifier_training.recipe import Recipe, parse_recipe, recipe_to_dict, save_recipe
 from classifier_training.runtime import build_accelerator
+from classifier_training.synthetic import SyntheticDatasetError
 from classifier_training.tracking import MetricsLog, Progress, init_wandb
 
 log = logging.getLogger("train")
@@ -162,7 +163,8 @@ def train(
     )
     augment = BatchAugment(aug_params, recipe.data.image_size, IMAGENET_MEAN, IMAGENET_STD)
     generator = torch.Generator(device=device)
-    selected = "ema" if (ema is not None and recipe.ema.select == "ema") else "raw"
+    use_ema = ema is not None and recipe.ema.select == "ema"
+    selected: Literal["ema", "raw"] = "ema" if use_ema else "raw"
     monitor = recipe.train.monitor
     checkpoints = CheckpointManager(
         run_dir, monitor, recipe.train.monitor_mode, recipe.train.keep_top_k
@@ -272,6 +274,9 @@ def train(
                     ema.update(accelerator.unwrap_model(model), step=state.updates + 2)
                 scheduler.step_update(state.updates)
             lr = optimizer.param_groups[0]["lr"]
+            if accelerator.trackers and state.updates % recipe.logging.log_every == 0:
+                step_values = {"train/loss_step": float(loss.detach()), "train/lr": lr}
+                accelerator.log(step_values, step=state.updates)
             progress.step(
                 len(batch["target"]) * accelerator.num_processes,
                 state.updates,
@@ -279,22 +284,12 @@ def train(
                 lr,
             )
             every = recipe.train.checkpoint_every_updates
-            if accelerator.sync_gradients and every and state.updates % every == 0:
-                checkpoints.save(
-                    accelerator,
-                    f"step-{state.updates:07d}",
-                    state,
-                    ema.module if ema is not None else None,
-                    None,
-                )
-            if stop_after_updates and state.updates >= stop_after_updates:
-                checkpoints.save(
-                    accelerator,
-                    f"step-{state.updates:07d}",
-                    state,
-                    ema.module if ema is not None else None,
-                    None,
-                )
+            periodic = accelerator.sync_gradients and every and state.updates % every == 0
+            interrupt = stop_after_updates and state.updates >= stop_after_updates
+            if periodic or interrupt:
+                ema_module = ema.module if ema is not None else None
+                checkpoints.save(accelerator, f"step-{state.updates:07d}", state, ema_module, None)
+            if interrupt:
                 raise TrainingInterruptedError(f"stopped after {state.updates} updates")
         images_per_s = progress.end_epoch()
 
@@ -374,6 +369,10 @@ def train(
         for hook in hooks:
             hook.on_epoch_end(ctx)
         accelerator.wait_for_everyone()
+        sampled = ctx.extra.pop("sampler_counts", None)
+        if sampled and accelerator.trackers:
+            counts = {f"sampler/count/{label}": n for label, n in sampled.items()}
+            accelerator.log(counts, step=state.updates)
         if stop:
             accelerator.print(
                 f"early stop: {monitor} did not improve by {delta} for {patience} epochs "
@@ -386,8 +385,13 @@ def train(
     final_metrics = dict(state.metrics)
     best = checkpoints.best_path or checkpoints.last_path
     if recipe.train.eval_test and test_loader is not None and best is not None:
-        net = copy.deepcopy(accelerator.unwrap_model(model))
-        net.load_state_dict(load_weights(best, selected))  # type: ignore[arg-type]
+        # A plain fp32 copy (the prepared model would autocast): the deployment's precision, so
+        # the onnxruntime evaluator reproduces these numbers exactly.
+        net = create_model(recipe.model, num_classes, pretrained=False)
+        net.load_state_dict(load_weights(best, selected))
+        net = net.to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
         result = evaluate(
             net,
             test_loader,
@@ -455,14 +459,27 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# Errors that describe bad input or an unusable run folder: one clear line, no traceback.
+USER_ERRORS = (
+    ValueError,  # RecipeError, DataError, augmentation parameters, labels mapping
+    CheckpointError,
+    PretrainedWeightsError,
+    SyntheticDatasetError,
+    ExportError,
+    FileNotFoundError,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress reaches logs as it happens
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for chatty in ("accelerate", "timm"):  # per-file save/load notices drown the progress
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         recipe = parse_recipe(argv)
         train(recipe)
-    except (ValueError, CheckpointError, FileNotFoundError, RuntimeError) as err:
-        if isinstance(err, TrainingInterruptedError):
-            raise
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

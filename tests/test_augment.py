@@ -523,8 +523,11 @@ def test_resolve_overrides_every_field() -> None:
         degrade_p=0.5,
         jpeg_p=0.4,
         erase_p=0.1,
+        crop_scale_min=0.4,
+        blur_p=0.3,
     )
     p = resolve(cfg)
+    assert p.crop_scale == (0.4, 1.0) and p.blur_p == 0.3
     assert (p.hflip_p, p.rotate_degrees, p.translate, p.shear_degrees) == (0.25, 10.0, 0.05, 5.0)
     assert (p.perspective_p, p.degrade_p, p.jpeg_p, p.erase_p) == (0.2, 0.5, 0.4, 0.1)
     assert (p.brightness, p.contrast, p.saturation, p.hue) == (0.3, 0.3, 0.3, 0.0)
@@ -532,6 +535,7 @@ def test_resolve_overrides_every_field() -> None:
     # fields left None keep the preset's value
     untouched = {"hflip_p", "rotate_degrees", "translate", "shear_degrees", "perspective_p"}
     untouched |= {"degrade_p", "jpeg_p", "erase_p", "brightness", "contrast", "saturation"}
+    untouched |= {"crop_scale", "blur_p"}
     for f in dataclasses.fields(AugmentParams):
         if f.name not in untouched:
             assert getattr(p, f.name) == getattr(none(), f.name), f.name

@@ -201,3 +201,22 @@ def test_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> None:
     assert len(res.targets) == 12  # every val sample exactly once
     assert res.metrics["val_raw/acc_top1"] == pytest.approx(metrics2["val_raw/acc_top1"])
     assert res.metrics["val_raw/loss"] == pytest.approx(metrics2["val_raw/loss"], rel=1e-5)
+
+
+def test_wandb_without_network_still_trains(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreachable W&B server (closed local port, fake key) never stops training."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    recipe = tiny_recipe(tiny_data, out, "--train.epochs", "1", "--logging.wandb", "true")
+    result = train_script.train(recipe)
+    assert result.state.epoch == 1
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+    # the numbers were kept offline for a later `wandb sync`
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
+    assert result.state.wandb_run_id

@@ -40,8 +40,7 @@ def evaluate(
         x = normalize_batch(batch["image"], mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(x)
+        logits = model(x)  # fp32 unless the model is a prepared one (then the training precision)
         logits, targets, indices = accelerator.gather_for_metrics(
             (logits.float(), batch["target"], batch["index"])
         )

@@ -28,8 +28,10 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
         kwargs["betas"] = tuple(cfg.betas)
     else:
         kwargs["momentum"] = cfg.momentum
+    # torch picks the multi-tensor (foreach) kernels only on CUDA by default; on CPU the
+    # per-parameter loop cost ~25% of a ResNet18 step at 64 px here, so ask for them always.
     return create_optimizer_v2(
-        model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs
+        model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True, **kwargs
     )
 
 

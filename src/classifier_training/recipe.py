@@ -169,6 +169,8 @@ class AugmentConfig:
 
     preset: Literal["jersey", "imagenet", "none"] = "jersey"
     """jersey: the reference's final recipe without flips; imagenet: crop+flip+jitter; none."""
+    crop_scale_min: float | None = None
+    """Smallest random-resized-crop area as a fraction of the image (jersey: 0.08)."""
     hflip_p: float | None = None
     """Horizontal flip probability (jersey: 0, it mirrors digits)."""
     rotate_degrees: float | None = None
@@ -181,6 +183,8 @@ class AugmentConfig:
     """Probability of a perspective warp."""
     color_jitter: float | None = None
     """Brightness/contrast/saturation jitter strength."""
+    blur_p: float | None = None
+    """Gaussian blur probability (jersey: 1.0, sigma 0.5-3.5 px)."""
     degrade_p: float | None = None
     """Probability of applying the degradation block (pixelate, down-up, noise, zoom)."""
     jpeg_p: float | None = None

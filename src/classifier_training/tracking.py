@@ -132,7 +132,9 @@ def init_wandb(
     """Start the W&B tracker; return its run id ("" when tracking is off or failed).
 
     Never blocks a run: without an API key and without WANDB_MODE the run is logged offline
-    (``wandb sync`` uploads it later); any init failure (no network, bad key) is a warning.
+    (``wandb sync`` uploads it later); when the server cannot be reached within
+    ``WANDB_INIT_TIMEOUT`` seconds (wandb's setting, default 90) the run falls back to offline
+    logging, and if even that fails training goes on without W&B.
     """
     if not cfg.wandb:
         return ""
@@ -149,15 +151,25 @@ def init_wandb(
     }
     if run_id:
         init_kwargs["id"] = run_id
-    try:
-        import wandb
-
-        init_kwargs["settings"] = wandb.Settings(init_timeout=60)
-        accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init_kwargs})
-        tracker = accelerator.get_tracker("wandb", unwrap=True)
-        return str(getattr(tracker, "id", "") or "")
-    except Exception as err:  # wandb raises many types; a logger must never stop training
-        log.warning("W&B could not start (%s: %s); continuing without it", type(err).__name__, err)
-        accelerator.trackers = []
-        accelerator.log_with = []
-        return ""
+    for attempt in ("as configured", "offline"):
+        try:
+            accelerator.init_trackers(
+                cfg.project, config=config, init_kwargs={"wandb": init_kwargs}
+            )
+            tracker = accelerator.get_tracker("wandb", unwrap=True)
+            return str(getattr(tracker, "id", "") or "")
+        except Exception as err:  # wandb raises many types; a logger must never stop training
+            accelerator.trackers = []
+            if attempt == "offline" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+                log.warning("W&B could not start (%s: %s); continuing without it",
+                            type(err).__name__, err)  # fmt: skip
+                break
+            # Unreachable server or bad key: keep the numbers locally for a later `wandb sync`.
+            log.warning("W&B could not start online (%s); logging offline to %s/wandb",
+                        type(err).__name__, run_dir)  # fmt: skip
+            # wandb reads WANDB_MODE once per process: say it in the call. Offline runs cannot
+            # look up a resume status, so drop that too.
+            init_kwargs["mode"] = "offline"
+            init_kwargs.pop("resume", None)
+    accelerator.log_with = []
+    return ""

@@ -233,7 +233,7 @@ PRESETS = {"jersey": jersey, "imagenet": imagenet, "none": none}
 """Preset name (``augment.preset``) -> factory."""
 
 # recipe field -> AugmentParams fields it sets, and its rule
-_PROBABILITY_FIELDS = ("hflip_p", "perspective_p", "degrade_p", "jpeg_p", "erase_p")
+_PROBABILITY_FIELDS = ("hflip_p", "perspective_p", "blur_p", "degrade_p", "jpeg_p", "erase_p")
 _NUMBER_FIELDS = {
     "rotate_degrees": (0.0, 180.0),
     "translate": (0.0, 1.0),
@@ -270,6 +270,10 @@ def resolve(cfg: AugmentConfig) -> AugmentParams:
                 changes.update(brightness=value, contrast=value, saturation=value)
             else:
                 changes[name] = value
+    if cfg.crop_scale_min is not None:
+        low = float(cfg.crop_scale_min)
+        _check_number("augment.crop_scale_min", low, 1e-3, 1.0)
+        changes["crop_scale"] = (low, 1.0)
     return dataclasses.replace(factory(), **changes)
 
 
