@@ -172,7 +172,7 @@ def test_dockerfile_cuda_base_matches_the_torch_wheel() -> None:
     assert wheel_cuda is not None, "requirements.lock must pin a CUDA build of torch"
     assert f"{match[1]}.{match[2]}" == ".".join(wheel_cuda.split(".")[:2]), (
         f"Dockerfile base is CUDA {match[1]}.{match[2]} but torch {torch.__version__} is built "
-        f"for CUDA {wheel_cuda}: change the FROM line (and the driver note in README.md, "Train on GCP")"
+        f"for CUDA {wheel_cuda}: change the FROM line (and the README's driver note)"
     )
 
 
