@@ -10,9 +10,10 @@ Runs, in one process and on the same device/precision/memory format:
               schedule + metrics; the framework's own cost);
 3. loop+aug:  ``train.train()`` with the jersey preset (what a user actually runs).
 
-Each ``train()`` runs 2 epochs of ``--batches`` batches; the second epoch's ``train/img_per_s``
-is used (the first pays one-time kernel set-up). Prints img/s and the ratios loop/bare and
-loop+aug/bare measured in this run. Run by hand; not a test.
+The bare loop is timed before and after the two ``train()`` runs (their spread shows the
+machine's noise). Each ``train()`` runs 2 epochs of ``--batches`` batches; the second epoch's
+``train/img_per_s`` is used (the first pays one-time kernel set-up). Prints img/s and the
+ratios loop/bare and loop+aug/bare measured in this run. Run by hand; not a test.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def framework_loop(args: argparse.Namespace, data: Path, out: Path, preset: str)
             "--train.epochs", "2", "--train.max_batches_per_epoch", str(args.batches),
             "--train.output_dir", str(out), "--train.eval_test", "false",
             "--augment.preset", preset, "--logging.progress", "off", "--hooks.enabled",
+            *args.extra,
         ]
     )  # fmt: skip
     train_script.train(recipe)
@@ -95,7 +97,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=30, help="train batches per epoch")
-    parser.add_argument("--workers", type=int, default=1 if usable_cpus() <= 2 else 8)
+    parser.add_argument("--workers", type=int, default=0 if usable_cpus() <= 2 else 8)
+    parser.add_argument("extra", nargs="*", help="more recipe flags for the loop, after --")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,13 +107,17 @@ def main() -> int:
         per_class = max(2, args.batch * args.batches // 42 + 1)
         generate(data, train_per_class=per_class, valid_per_class=2, test_per_class=1,
                  image_size=args.size)  # fmt: skip
-        bare = bare_loop(args.arch, args.size, args.batch, args.batches, device)
+        # The bare ceiling is timed before and after the loops; their spread is the noise floor.
+        bare_before = bare_loop(args.arch, args.size, args.batch, args.batches, device)
         loop = framework_loop(args, data, Path(tmp) / "run-none", "none")
         loop_aug = framework_loop(args, data, Path(tmp) / "run-jersey", "jersey")
+        bare_after = bare_loop(args.arch, args.size, args.batch, args.batches, device)
+    bare = (bare_before + bare_after) / 2
     print(f"device {device}, {args.arch} {args.size}px batch {args.batch}, "
           f"{torch.get_num_threads()} threads, precision "
           f"{resolve_mixed_precision('auto', cuda=device.type == 'cuda')}")  # fmt: skip
-    print(f"bare fwd/bwd/AdamW       {bare:9.1f} img/s")
+    print(f"bare fwd/bwd/AdamW       {bare:9.1f} img/s   (before {bare_before:.1f}, "
+          f"after {bare_after:.1f})")  # fmt: skip
     print(f"train loop (no aug)      {loop:9.1f} img/s   ratio {loop / bare:.3f}")
     print(f"train loop (jersey aug)  {loop_aug:9.1f} img/s   ratio {loop_aug / bare:.3f}")
     return 0
