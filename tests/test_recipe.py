@@ -193,3 +193,20 @@ def test_help_lists_fields_with_docs() -> None:
     for flag in ("--optim.lr", "--data.root", "--train.resume", "--model.pretrained_file"):
         assert flag in proc.stdout
     assert "Peak learning rate" in proc.stdout
+
+
+def test_sampler_weights_from_cli_and_yaml(tmp_path: Path) -> None:
+    for text in ("8=0.5,00=3", '{"8": 0.5, "00": 3}'):
+        recipe = parse_recipe(["--data.sampler", "manual", "--data.sampler_weights", text])
+        assert recipe.data.sampler_weights == {"8": 0.5, "00": 3.0}
+    path = write(tmp_path, "data:\n  sampler: manual\n  sampler_weights:\n    '8': 0.5\n")
+    recipe = load_recipe(path)
+    assert recipe.data.sampler_weights == {"8": 0.5}
+    save_recipe(recipe, tmp_path / "resolved.yaml")
+    assert load_recipe(tmp_path / "resolved.yaml") == recipe
+    proc = subprocess.run(
+        [sys.executable, "-c", "from classifier_training.recipe import parse_recipe; "
+         "parse_recipe(['--data.sampler_weights', 'eight'])"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "expected LABEL=WEIGHT" in proc.stderr

@@ -13,6 +13,7 @@ and no field is an ``Optional[dataclass]``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -23,12 +24,38 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from simple_parsing import field as simple_field
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class RecipeError(ValueError):
     """A recipe file or flag is invalid; the message names the file, line and key."""
+
+
+def parse_label_weights(text: str) -> dict[str, float]:
+    """``'8=0.5,00=3'`` or ``'{"8": 0.5}'`` -> {"8": 0.5, "00": 3.0} (the CLI form of a dict)."""
+    text = text.strip()
+    if text.startswith("{"):
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {err}") from err
+        if not isinstance(data, dict):
+            raise argparse.ArgumentTypeError("expected a JSON object {label: weight}")
+        return {str(k): float(v) for k, v in data.items()}
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        label, sep, weight = item.rpartition("=")
+        try:
+            out[label] = float(weight) if sep else float("nan")
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected LABEL=WEIGHT, e.g. 8=0.5,00=3")
+    return out
 
 
 @dataclass
@@ -79,8 +106,11 @@ class DataConfig:
     """How a loader worker brings a train image to image_size: letterbox keeps the aspect."""
     sampler: Literal["disabled", "auto", "manual"] = "disabled"
     """Weighted sampling of train rows: off, inverse class frequency, or sampler_weights."""
-    sampler_weights: dict[str, float] = field(default_factory=dict)
-    """Per-class sampling weights by label name for sampler=manual (absent labels weigh 1)."""
+    sampler_weights: dict[str, float] = simple_field(
+        default_factory=dict, type=parse_label_weights, metavar="LABEL=W,..."
+    )
+    """Per-class sampling weights by label name for sampler=manual (absent labels weigh 1);
+    on the command line '8=0.5,00=3' or a JSON object."""
     generate_if_missing: bool = False
     """Render the synthetic jersey dataset into root when root does not exist."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
