@@ -370,6 +370,15 @@ def _build_split(
     return SplitIndex(name=name, root=split_dir, samples=samples, skipped_unknown=n_skipped)
 
 
+def _resolve_format(format: str, root: Path, split: str) -> DatasetFormat:
+    """The layout to read: ``format`` itself, or the one detected from ``root/split``."""
+    if format == "auto":
+        return detect_format(root, split)
+    if format in ("jsonl", "imagefolder"):
+        return format  # type: ignore[return-value]
+    raise DataError(f"unknown dataset format {format!r}; use auto, jsonl or imagefolder")
+
+
 def index_dataset(
     root: str | Path,
     format: Literal["auto", "jsonl", "imagefolder"] = "auto",
@@ -387,13 +396,7 @@ def index_dataset(
         raise DataError(f"dataset root {root} does not exist or is not a folder")
     if not train:
         raise DataError("the train split name must not be empty")
-    fmt: DatasetFormat
-    if format == "auto":
-        fmt = detect_format(root, train)
-    elif format in ("jsonl", "imagefolder"):
-        fmt = format
-    else:
-        raise DataError(f"unknown dataset format {format!r}; use auto, jsonl or imagefolder")
+    fmt = _resolve_format(format, root, train)
 
     roles = [(TRAIN, train), (VAL, val), (TEST, test)]
     dirs: dict[str, Path] = {}
@@ -441,13 +444,7 @@ def index_split(
         raise DataError(f"{root}: split folder {split!r} not found")
     if not class_to_idx:
         raise DataError("index_split needs a non-empty class_to_idx")
-    fmt: DatasetFormat
-    if format == "auto":
-        fmt = detect_format(root, split)
-    elif format in ("jsonl", "imagefolder"):
-        fmt = format
-    else:
-        raise DataError(f"unknown dataset format {format!r}; use auto, jsonl or imagefolder")
+    fmt = _resolve_format(format, root, split)
     rows = (
         _read_jsonl_split(split_dir)
         if fmt == "jsonl"
