@@ -39,7 +39,7 @@ from classifier_training.data.imbalance import class_counts, inverse_frequency_w
 from classifier_training.data.labels import labels_mapping, write_labels_mapping
 from classifier_training.data.loaders import build_loaders, load_index
 from classifier_training.evaluation import evaluate
-from classifier_training.hooks import build_hooks
+from classifier_training.hooks import build_hooks, run_hooks
 from classifier_training.hooks.base import EvalResult, FitContext
 from classifier_training.model import PretrainedWeightsError, create_model
 from classifier_training.onnx_export import ExportError
@@ -217,9 +217,7 @@ def train(
         log_images=log_images,
     )
     hooks = build_hooks(recipe.hooks.enabled)
-    for hook in hooks:
-        hook.on_fit_start(ctx)
-    accelerator.wait_for_everyone()
+    run_hooks(hooks, "on_fit_start", ctx)
 
     # 5. epochs ------------------------------------------------------------------------------------
     progress = Progress(recipe.logging.progress, recipe.logging.log_every, main)
@@ -366,9 +364,7 @@ def train(
         ctx.epoch, ctx.metrics, ctx.evals = epoch, metrics, evals
         ctx.is_last_epoch = stop or epoch + 1 == recipe.train.epochs
         ctx.best_checkpoint, ctx.last_checkpoint = checkpoints.best_path, checkpoints.last_path
-        for hook in hooks:
-            hook.on_epoch_end(ctx)
-        accelerator.wait_for_everyone()
+        run_hooks(hooks, "on_epoch_end", ctx)
         sampled = ctx.extra.pop("sampler_counts", None)
         if sampled and accelerator.trackers:
             counts = {f"sampler/count/{label}": n for label, n in sampled.items()}
@@ -419,9 +415,7 @@ def train(
     ctx.metrics = final_metrics
     ctx.best_checkpoint, ctx.last_checkpoint = checkpoints.best_path, checkpoints.last_path
     ctx.extra["stopped_early"] = stopped_early
-    for hook in hooks:
-        hook.on_fit_end(ctx)
-    accelerator.wait_for_everyone()
+    run_hooks(hooks, "on_fit_end", ctx)
     accelerator.end_training()
     return TrainResult(run_dir, state, checkpoints.best_path, final_metrics)
 

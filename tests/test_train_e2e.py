@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -19,6 +20,8 @@ from classifier_training.checkpoint import CheckpointError, load_weights, resolv
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.loaders import build_loaders, load_index
 from classifier_training.evaluation import evaluate
+from classifier_training.hooks import HookFailedElsewhereError, run_hooks
+from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.recipe import Recipe, parse_recipe
 from classifier_training.synthetic import generate
 
@@ -220,3 +223,31 @@ def test_wandb_without_network_still_trains(
     # the numbers were kept offline for a later `wandb sync`
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
     assert result.state.wandb_run_id
+
+
+class _FailsOnMain(Hook):
+    name = "fails_on_main"
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        if ctx.accelerator.is_main_process:
+            raise RuntimeError("export verification failed (simulated)")
+
+
+def _hook_failure_job(out: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    ctx = SimpleNamespace(accelerator=accelerator)
+    try:
+        run_hooks([_FailsOnMain()], "on_fit_end", ctx)  # type: ignore[arg-type]
+        outcome = "no error"
+    except HookFailedElsewhereError:
+        outcome = "failed elsewhere"
+    except RuntimeError as err:
+        outcome = str(err)
+    (Path(out) / f"rank-{accelerator.process_index}.txt").write_text(outcome)
+
+
+def test_a_hook_failure_on_the_main_process_stops_every_process(tmp_path: Path) -> None:
+    """No process is left waiting at a barrier when rank 0's export fails."""
+    debug_launcher(_hook_failure_job, args=(str(tmp_path),), num_processes=2)
+    assert (tmp_path / "rank-0.txt").read_text() == "export verification failed (simulated)"
+    assert (tmp_path / "rank-1.txt").read_text() == "failed elsewhere"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from classifier_training.hooks.augment_preview import AugmentPreviewHook
 from classifier_training.hooks.base import EvalResult, FitContext, Hook
@@ -46,4 +47,42 @@ def build_hooks(names: Sequence[str]) -> list[Hook]:
     return [HOOKS[n]() for n in names]
 
 
-__all__ = ["HOOKS", "EvalResult", "FitContext", "Hook", "build_hooks"]
+class HookFailedElsewhereError(RuntimeError):
+    """A hook raised on another process; that process's log has the cause."""
+
+
+def run_hooks(
+    hooks: Sequence[Hook],
+    phase: Literal["on_fit_start", "on_epoch_end", "on_fit_end"],
+    ctx: FitContext,
+) -> None:
+    """Call ``phase`` on every hook, then synchronise the processes.
+
+    Hooks that write files run on the main process only, so a failure there (a failed export
+    verification, say) would leave the other processes waiting at the next barrier until the
+    collective timeout. Instead every process learns of it through Accelerate's trigger (an
+    all-reduce) and raises too.
+    """
+    accelerator = ctx.accelerator
+    error: Exception | None = None
+    try:
+        for hook in hooks:
+            getattr(hook, phase)(ctx)
+    except Exception as err:  # re-raised below, on every process
+        error = err
+        accelerator.set_trigger()
+    if accelerator.check_trigger():
+        if error is not None:
+            raise error
+        raise HookFailedElsewhereError(f"a hook failed in {phase} on another process")
+
+
+__all__ = [
+    "HOOKS",
+    "EvalResult",
+    "FitContext",
+    "Hook",
+    "HookFailedElsewhereError",
+    "build_hooks",
+    "run_hooks",
+]
