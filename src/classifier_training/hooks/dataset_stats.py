@@ -215,7 +215,8 @@ def plot_class_counts(stats: Mapping[str, Any]) -> Figure:
         f"(largest {big!r}: {train[big]}, smallest {small!r}: {train[small]})"
     )
     ax.grid(axis="y", which="major", linestyle=":", alpha=0.6)
-    ax.legend()
+    # Outside the axes: with balanced splits the bars fill the plot to the top.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
     return fig
 
 
