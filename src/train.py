@@ -278,7 +278,7 @@ def train(
             progress.step(
                 len(batch["target"]) * accelerator.num_processes,
                 state.updates,
-                float(loss.detach()),
+                loss.detach(),
                 lr,
             )
             every = recipe.train.checkpoint_every_updates

@@ -191,3 +191,20 @@ def test_resume_target_errors(tmp_path: Path) -> None:
         find_resume_checkpoint(str(tmp_path / "elsewhere"), tmp_path)
     with pytest.raises(CheckpointError, match=r"ledger\.json"):
         resolve_checkpoint(tmp_path, "best")
+
+
+def test_progress_lines_every_n_updates() -> None:
+    import io
+
+    from classifier_training.tracking import Progress
+
+    out = io.StringIO()
+    progress = Progress("lines", log_every=2, enabled=True, stream=out)
+    progress.start_epoch(0, 3, total_batches=5, done=0)
+    for update in range(1, 6):
+        progress.step(8, update, torch.tensor(0.5 * update), 1e-3)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3  # updates 2, 4 and the last batch
+    assert lines[0].startswith("epoch 1/3 batch 2/5 update 2 loss 1.0000 lr 1.000e-03")
+    assert "batch 5/5" in lines[-1] and "eta" in lines[-1]
+    assert progress.end_epoch() > 0

@@ -9,11 +9,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from accelerate import Accelerator
 
 from classifier_training.recipe import LoggingConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +55,27 @@ class Progress:
                 leave=False,
             )
 
-    def step(self, images: int, updates: int, loss: float, lr: float) -> None:
-        """Called once per loader batch; ``images`` is the global batch size."""
+    def step(self, images: int, updates: int, loss: torch.Tensor, lr: float) -> None:
+        """Called once per loader batch; ``images`` is the global batch size.
+
+        ``loss`` stays a device tensor: reading it forces a GPU sync, so it is read only when
+        something is shown (every ``log_every`` updates, at most every 10 batches for the bar).
+        """
         self.done += 1
         self._batches += 1
         self._images += images
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        ips = self._images / elapsed
         if self.mode == "bar" and self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
+            if self._batches % min(10, self.log_every) == 0 or self.done == self.total:
+                ips = self._images / max(time.perf_counter() - self._start, 1e-9)
+                self._bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
         elif self.mode == "lines" and (updates % self.log_every == 0 or self.done == self.total):
+            elapsed = max(time.perf_counter() - self._start, 1e-9)
             eta = (self.total - self.done) * elapsed / max(1, self._batches)
             print(
                 f"epoch {self.epoch + 1}/{self.epochs} batch {self.done}/{self.total} "
-                f"update {updates} loss {loss:.4f} lr {lr:.3e} {ips:.1f} img/s "
-                f"eta {_fmt_seconds(eta)}",
+                f"update {updates} loss {float(loss):.4f} lr {lr:.3e} "
+                f"{self._images / elapsed:.1f} img/s eta {_fmt_seconds(eta)}",
                 file=self.stream,
                 flush=True,
             )
