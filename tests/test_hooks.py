@@ -20,9 +20,10 @@ from classifier_training.augment.presets import resolve
 from classifier_training.data.dataset import ImageDataset
 from classifier_training.data.imbalance import WeightedClassSampler
 from classifier_training.data.index import DatasetIndex, index_dataset
+from classifier_training.evaluation import EvalResult
 from classifier_training.hooks import HOOKS, build_hooks, common
 from classifier_training.hooks import history as history_module
-from classifier_training.hooks.base import EvalResult, FitContext, Hook
+from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook, confusion_counts
 from classifier_training.hooks.dataset_stats import DatasetStatsHook, inspect_file
 from classifier_training.hooks.export import ExportHook

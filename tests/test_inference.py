@@ -23,8 +23,8 @@ from classifier_training.data.dataset import ImageDataset
 from classifier_training.data.index import index_dataset
 from classifier_training.data.labels import labels_mapping, write_labels_mapping
 from classifier_training.evaluate import evaluate_onnx
+from classifier_training.evaluation import EvalResult
 from classifier_training.evaluation import evaluate as torch_evaluate
-from classifier_training.hooks.base import EvalResult
 from classifier_training.inference import OnnxClassifier, softmax
 from classifier_training.onnx_export import export_run
 from conftest import write_imagefolder_dataset

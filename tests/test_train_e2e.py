@@ -16,9 +16,15 @@ from safetensors.torch import load_file
 
 import train as train_script
 from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD
-from classifier_training.checkpoint import CheckpointError, load_weights, resolve_checkpoint
+from classifier_training.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    load_weights,
+    resolve_checkpoint,
+)
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.loaders import build_loaders, load_index
+from classifier_training.engine.loop import LoopCallback
 from classifier_training.evaluation import evaluate
 from classifier_training.hooks import HookFailedElsewhereError, run_hooks
 from classifier_training.hooks.base import FitContext, Hook
@@ -88,28 +94,51 @@ def weights_of(run_dir: Path, which: str = "last") -> dict[str, dict[str, torch.
     return {"raw": load_weights(ckpt, "raw"), "ema": load_weights(ckpt, "ema")}
 
 
-def test_resume_is_exact(tiny_data: Path, tmp_path: Path) -> None:
-    """N updates uninterrupted == stopped at k (mid-epoch) and resumed: same ids, same weights."""
-    full_ids: list[int] = []
-    recipe = tiny_recipe(tiny_data, tmp_path / "full")
-    train_script.train(recipe, batch_callback=lambda b: full_ids.extend(b["index"].tolist()))
+class RecordIds(LoopCallback):
+    """Collects the sample ids of every loader batch, in order."""
 
-    part_ids: list[int] = []
-    run_b = tmp_path / "interrupted"
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    def on_batch_start(self, batch: dict[str, torch.Tensor], state: TrainerState) -> None:
+        self.ids.extend(batch["index"].tolist())
+
+
+class SimulatedKillError(Exception):
+    """Stands in for a kill right after a periodic checkpoint."""
+
+
+class KillAfter(RecordIds):
+    def __init__(self, updates: int) -> None:
+        super().__init__()
+        self.updates = updates
+
+    def on_batch_end(self, state: TrainerState, updated: bool) -> None:
+        if state.updates >= self.updates:
+            raise SimulatedKillError(f"after {state.updates} updates")
+
+
+def test_resume_is_exact(tiny_data: Path, tmp_path: Path) -> None:
+    """N updates uninterrupted == killed at k (mid-epoch) and resumed: same ids, same weights."""
     updates_per_epoch = 5  # 40 train rows / batch 8
-    with pytest.raises(train_script.TrainingInterruptedError):
+    kill_at = updates_per_epoch + 2  # inside the second epoch, right after a step checkpoint
+    every = ("--train.checkpoint_every_updates", str(kill_at))
+    full = RecordIds()
+    train_script.train(tiny_recipe(tiny_data, tmp_path / "full", *every), callbacks=[full])
+
+    run_b = tmp_path / "interrupted"
+    part = KillAfter(kill_at)
+    with pytest.raises(SimulatedKillError):
         AcceleratorState._reset_state(True)
-        train_script.train(
-            tiny_recipe(tiny_data, run_b),
-            batch_callback=lambda b: part_ids.extend(b["index"].tolist()),
-            stop_after_updates=updates_per_epoch + 2,  # inside the second epoch
-        )
+        train_script.train(tiny_recipe(tiny_data, run_b, *every), callbacks=[part])
+    assert resolve_checkpoint(run_b, "last").name == f"step-{kill_at:07d}"
     AcceleratorState._reset_state(True)
+    rest = RecordIds()
     train_script.train(
-        tiny_recipe(tiny_data, run_b, "--train.resume", "auto"),
-        batch_callback=lambda b: part_ids.extend(b["index"].tolist()),
+        tiny_recipe(tiny_data, run_b, *every, "--train.resume", "auto"), callbacks=[rest]
     )
-    assert part_ids == full_ids
+    full_ids = full.ids
+    assert part.ids + rest.ids == full_ids
     assert len(full_ids) == 2 * 40
     a, b = weights_of(tmp_path / "full"), weights_of(run_b)
     for kind in ("raw", "ema"):
@@ -144,10 +173,10 @@ def _two_process_job(data: str, out: str) -> None:
         "--train.epochs",
         "1",
     )
-    ids: list[int] = []
-    result = train_script.train(recipe, batch_callback=lambda b: ids.extend(b["index"].tolist()))
+    ids = RecordIds()
+    result = train_script.train(recipe, callbacks=[ids])
     rank = PartialState().process_index
-    (Path(out) / f"ids-{rank}.json").write_text(json.dumps(ids))
+    (Path(out) / f"ids-{rank}.json").write_text(json.dumps(ids.ids))
     if rank == 0:
         (Path(out) / "final.json").write_text(json.dumps(result.state.metrics))
 
@@ -161,17 +190,17 @@ def test_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> None:
     assert len(ids0) == len(ids1) == 20
 
     AcceleratorState._reset_state(True)
-    single: list[int] = []
+    single = RecordIds()
     out1 = tmp_path / "single"
     recipe = tiny_recipe(
         tiny_data, out1, "--data.batch_size", "8", "--data.sampler", "auto", "--train.epochs", "1"
     )
-    train_script.train(recipe, batch_callback=lambda b: single.extend(b["index"].tolist()))
+    train_script.train(recipe, callbacks=[single])
     # the weighted sampler draws the same global list; each process takes alternate batches of 4
     merged = []
     for i in range(0, 20, 4):
         merged += ids0[i : i + 4] + ids1[i : i + 4]
-    assert merged == single
+    assert merged == single.ids
 
     # evaluation: the 2-process metrics equal a single-process evaluation of the same weights
     metrics2 = json.loads((out2 / "final.json").read_text())

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from classifier_training.evaluation import EvalResult
 from classifier_training.hooks.augment_preview import AugmentPreviewHook
-from classifier_training.hooks.base import EvalResult, FitContext, Hook
+from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook
 from classifier_training.hooks.dataset_stats import DatasetStatsHook
 from classifier_training.hooks.export import ExportHook

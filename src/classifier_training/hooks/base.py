@@ -20,30 +20,8 @@ if TYPE_CHECKING:
     from classifier_training.augment.pipeline import BatchAugment
     from classifier_training.data.index import DatasetIndex
     from classifier_training.data.loaders import Loaders
+    from classifier_training.evaluation import EvalResult
     from classifier_training.recipe import Recipe
-
-
-@dataclass
-class EvalResult:
-    """One evaluation pass over a split, gathered across processes (each sample once).
-
-    ``logits`` and ``targets`` are in dataset order on the CPU; ``images`` holds the first
-    ``len(images)`` samples of the split as uint8 [k, 3, S, S] (for sample grids).
-    """
-
-    split: str
-    weights: str  # "ema" or "raw"
-    loss: float
-    logits: torch.Tensor  # float32 [N, C]
-    targets: torch.Tensor  # int64 [N]
-    indices: torch.Tensor  # int64 [N], positions in the split's sample list
-    images: torch.Tensor  # uint8 [k, 3, S, S]
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def preds(self) -> torch.Tensor:
-        """Top-1 predicted class per sample."""
-        return self.logits.argmax(dim=1)
 
 
 @dataclass

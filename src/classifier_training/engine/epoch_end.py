@@ -1,0 +1,68 @@
+"""The end of an epoch: best-value bookkeeping, checkpoint, metrics log, trackers, hooks, and
+early stopping agreed across processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from classifier_training.checkpoint import TrainerState
+from classifier_training.engine.selection import Best, Validation, track_best
+from classifier_training.engine.setup import Run
+from classifier_training.hooks import run_hooks
+
+
+def end_epoch(run: Run, state: TrainerState, epoch: int, val: Validation) -> bool:
+    """Record ``epoch`` (0-based) and return whether training stops early (on every process).
+
+    Order: ``state`` (best, patience, position ``epoch + 1``/batch 0, metrics) -> the
+    ``epoch-NNN`` checkpoint (top-k by the monitored value) -> ``metrics.jsonl`` and the console
+    (main process) -> trackers -> the stop decision (any process's trigger stops all) -> epoch
+    hooks, which see whether this is the last epoch.
+    """
+    accelerator, cfg = run.accelerator, run.recipe.train
+    best = track_best(Best.of(state), val.value, epoch, cfg.monitor_mode, cfg.early_stop_min_delta)
+    best.store(state)
+    state.epoch, state.batches_done = epoch + 1, 0
+    state.metrics = val.metrics
+    run.checkpoints.save(accelerator, f"epoch-{epoch + 1:03d}", state, run.ema_module(), val.value)
+    if accelerator.is_main_process:
+        run.metrics_log.append(val.metrics)
+        _print_epoch(accelerator, val.metrics, cfg.monitor, state)
+    if accelerator.trackers:
+        accelerator.log(val.metrics, step=state.updates)
+
+    patience = cfg.early_stop_patience
+    if patience and state.epochs_without_improvement >= patience:
+        accelerator.set_trigger()
+    stop = bool(accelerator.check_trigger())
+    ctx = run.ctx
+    ctx.epoch, ctx.metrics, ctx.evals = epoch, val.metrics, val.evals
+    ctx.is_last_epoch = stop or epoch + 1 == cfg.epochs
+    ctx.best_checkpoint, ctx.last_checkpoint = run.checkpoints.best_path, run.checkpoints.last_path
+    run_hooks(run.hooks, "on_epoch_end", ctx)
+    sampled = ctx.extra.pop("sampler_counts", None)
+    if sampled and accelerator.trackers:
+        counts = {f"sampler/count/{label}": n for label, n in sampled.items()}
+        accelerator.log(counts, step=state.updates)
+    if stop:
+        accelerator.print(
+            f"early stop: {cfg.monitor} did not improve by {cfg.early_stop_min_delta} for "
+            f"{patience} epochs (best {state.best_value:.4f} at epoch {state.best_epoch + 1})"
+        )
+    return stop
+
+
+def _print_epoch(accelerator: Any, m: dict[str, float], monitor: str, st: TrainerState) -> None:
+    parts = [f"epoch {int(m['epoch'])}", f"train loss {m['train/loss']:.4f}"]
+    for key in (
+        "val/loss",
+        "val/acc_top1",
+        "val/acc_top5",
+        "val/f1_macro",
+        "val_raw/acc_top1",
+        "val_ema/acc_top1",
+    ):
+        if key in m:
+            parts.append(f"{key} {m[key]:.4f}")
+    parts.append(f"best {monitor} {st.best_value:.4f} (epoch {st.best_epoch + 1})")
+    accelerator.print(" | ".join(parts))

@@ -1,0 +1,322 @@
+"""Build a run's parts once: ``setup(recipe)`` -> the frozen ``Run`` bundle and the trainer state.
+
+Order matters for exact resume and reproducibility: the model is created (its init draws from
+the seeded RNG) before the optimizer, everything is prepared by Accelerate, then a resume
+restores Accelerate's state (weights, optimizer, RNG), the EMA and the ``TrainerState``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from accelerate import Accelerator
+from timm.scheduler.scheduler import Scheduler
+from timm.utils.model_ema import ModelEmaV3
+
+from classifier_training.augment.pipeline import BatchAugment
+from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD, resolve
+from classifier_training.checkpoint import (
+    EMA_FILE,
+    CheckpointError,
+    CheckpointManager,
+    TrainerState,
+    find_resume_checkpoint,
+    load_weights,
+)
+from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
+from classifier_training.data.index import DatasetIndex
+from classifier_training.data.labels import labels_mapping, write_labels_mapping
+from classifier_training.data.loaders import Loaders, build_loaders, load_index
+from classifier_training.hooks import build_hooks
+from classifier_training.hooks.base import FitContext, Hook
+from classifier_training.model import create_model
+from classifier_training.optim import (
+    build_criterion,
+    build_optimizer,
+    build_scheduler,
+    updates_per_epoch,
+)
+from classifier_training.recipe import Recipe, recipe_to_dict, save_recipe
+from classifier_training.runtime import build_accelerator
+from classifier_training.tracking import MetricsLog, Progress, init_wandb
+
+
+@dataclass(frozen=True)
+class Run:
+    """The parts of one training run, built once by ``setup``.
+
+    Nothing here is reassigned during training; the loop position and bookkeeping live in the
+    ``TrainerState`` that ``setup`` returns beside it (``ctx`` is the hooks' view, which the
+    engine refreshes at each epoch end).
+    """
+
+    recipe: Recipe
+    run_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared (may be DDP-wrapped)
+    ema: ModelEmaV3 | None  # never prepared: a prepared nn.Module would be DDP-wrapped
+    optimizer: torch.optim.Optimizer  # prepared
+    scheduler: Scheduler  # stepped per update
+    criterion: torch.nn.Module  # on the device (training)
+    eval_criterion: torch.nn.Module  # on the CPU (gathered logits)
+    augment: BatchAugment
+    generator: torch.Generator  # the augmentation's, reseeded per batch
+    loaders: Loaders  # the raw loaders and datasets (epoch seeding, previews)
+    train_loader: Any  # prepared loaders (Accelerate's DataLoaderShard / Dispatcher)
+    val_loader: Any
+    test_loader: Any | None
+    batches_per_epoch: int  # per process, after ``train.max_batches_per_epoch``
+    channels_last: bool
+    class_names: list[str]  # index order
+    selected: Literal["ema", "raw"]  # the weights behind val/, checkpoints and export
+    val_preview: torch.Tensor  # the first val images (uint8) for sample grids
+    checkpoints: CheckpointManager
+    metrics_log: MetricsLog
+    progress: Progress
+    hooks: tuple[Hook, ...]
+    ctx: FitContext
+
+    def ema_module(self) -> torch.nn.Module | None:
+        """The EMA weights' module (what checkpoints store as ``ema``), or None."""
+        return self.ema.module if self.ema is not None else None
+
+
+def prepare_run_dir(recipe: Recipe) -> Path:
+    """Create the run directory; refuse to silently mix a new run into an old one's checkpoints."""
+    run_dir = recipe.run_dir
+    has_checkpoints = (run_dir / "checkpoints" / "ledger.json").exists()
+    if has_checkpoints and not recipe.train.resume:
+        if not recipe.train.overwrite:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints of an earlier run. Resume it with "
+                "--train.resume auto, start over with --train.overwrite true, or pick another "
+                "--train.output_dir."
+            )
+        shutil.rmtree(run_dir / "checkpoints")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
+    """Build every part of the run named by ``recipe``; restore them when resuming.
+
+    Returns the frozen bundle and the trainer state (fresh, or the checkpoint's on resume).
+    Side effects: the run folder with ``recipe.yaml`` and ``labels_mapping.json``, seeded RNGs,
+    and the W&B tracker when enabled.
+    """
+    run_dir = prepare_run_dir(recipe)
+    accelerator = build_accelerator(recipe, run_dir)
+    if accelerator.is_main_process:
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    index, class_names = _index_and_labels(recipe, accelerator, run_dir)
+    aug_params = resolve(recipe.augment)
+    loaders = build_loaders(
+        recipe.data,
+        index,
+        jpeg_p=aug_params.degrade_p * aug_params.jpeg_p,
+        jpeg_quality=aug_params.jpeg_quality,
+        seed=recipe.train.seed,
+    )
+    parts = _build_trainables(recipe, accelerator, loaders, index, class_names)
+    augment = BatchAugment(aug_params, recipe.data.image_size, IMAGENET_MEAN, IMAGENET_STD)
+    generator = torch.Generator(device=accelerator.device)
+    checkpoints = CheckpointManager(
+        run_dir, recipe.train.monitor, recipe.train.monitor_mode, recipe.train.keep_top_k
+    )
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    state = _restore(recipe, run_dir, accelerator, parts.ema, metrics_log)
+    parts.scheduler.step_update(state.updates)
+    state.wandb_run_id = init_wandb(
+        accelerator,
+        recipe.logging,
+        recipe.name,
+        run_dir,
+        recipe_to_dict(recipe),
+        state.wandb_run_id,
+    )
+    val_preview = _first_images(loaders.val_dataset, recipe.hooks.sample_grid)
+    ctx = FitContext(
+        recipe=recipe,
+        accelerator=accelerator,
+        run_dir=run_dir,
+        index=index,
+        loaders=loaders,
+        model=parts.model,
+        ema=parts.ema,
+        augment=augment,
+        class_names=class_names,
+        log_images=_ImageLogger(accelerator, state),
+    )
+    run = Run(
+        recipe=recipe,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        augment=augment,
+        generator=generator,
+        loaders=loaders,
+        class_names=class_names,
+        selected="ema" if parts.ema is not None and recipe.ema.select == "ema" else "raw",
+        val_preview=val_preview,
+        checkpoints=checkpoints,
+        metrics_log=metrics_log,
+        progress=Progress(
+            recipe.logging.progress, recipe.logging.log_every, accelerator.is_main_process
+        ),
+        hooks=tuple(build_hooks(recipe.hooks.enabled)),
+        ctx=ctx,
+        **parts._asdict(),
+    )
+    return run, state
+
+
+class _Trainables(NamedTuple):
+    """What ``_build_trainables`` hands to ``Run`` (same field names)."""
+
+    model: torch.nn.Module
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    criterion: torch.nn.Module
+    eval_criterion: torch.nn.Module
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any | None
+    batches_per_epoch: int
+    channels_last: bool
+
+
+def _build_trainables(
+    recipe: Recipe,
+    accelerator: Accelerator,
+    loaders: Loaders,
+    index: DatasetIndex,
+    class_names: list[str],
+) -> _Trainables:
+    """Model, optimizer and criteria, prepared by Accelerate with the loaders; EMA; schedule.
+
+    The loss weighs classes by inverse train frequency (one copy on the device for training,
+    one on the CPU for gathered evaluation logits).
+    """
+    class_weights = inverse_frequency_weights(class_counts(index.train.targets, len(class_names)))
+    device = accelerator.device
+    channels_last = recipe.model.channels_last == "on" or (
+        recipe.model.channels_last == "auto" and device.type == "cuda"
+    )
+    model = create_model(recipe.model, len(class_names))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(recipe.optim, model)
+    criterion = build_criterion(recipe.loss, class_weights.to(device))
+    eval_criterion = build_criterion(recipe.loss, class_weights)  # on gathered CPU logits
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, loaders.train, loaders.val
+    )
+    test_loader = accelerator.prepare(loaders.test) if loaders.test is not None else None
+    ema = _build_ema(recipe, accelerator, model)
+    batches_per_epoch = len(train_loader)
+    if recipe.train.max_batches_per_epoch:
+        batches_per_epoch = min(batches_per_epoch, recipe.train.max_batches_per_epoch)
+    scheduler = build_scheduler(
+        recipe.schedule,
+        optimizer,
+        lr=recipe.optim.lr,
+        epochs=recipe.train.epochs,
+        updates_per_epoch=updates_per_epoch(batches_per_epoch, recipe.train.grad_accum_steps),
+    )
+    return _Trainables(
+        model,
+        ema,
+        optimizer,
+        scheduler,
+        criterion,
+        eval_criterion,
+        train_loader,
+        val_loader,
+        test_loader,
+        batches_per_epoch,
+        channels_last,
+    )
+
+
+def _index_and_labels(
+    recipe: Recipe, accelerator: Accelerator, run_dir: Path
+) -> tuple[DatasetIndex, list[str]]:
+    """Index the dataset (class map from train); the main process writes labels_mapping.json."""
+    with accelerator.main_process_first():  # the synthetic dataset is generated once
+        index = load_index(recipe.data)
+    class_names = [name for name, _ in sorted(index.class_to_idx.items(), key=lambda kv: kv[1])]
+    if accelerator.is_main_process:
+        mapping = labels_mapping(index.class_to_idx, recipe.data.image_size)
+        write_labels_mapping(run_dir / "labels_mapping.json", mapping)
+    return index, class_names
+
+
+def _build_ema(
+    recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module
+) -> ModelEmaV3 | None:
+    """timm's EMA of the prepared (on-device) bare model, or None when ``ema.enabled`` is off."""
+    if not recipe.ema.enabled:
+        return None
+    return ModelEmaV3(
+        accelerator.unwrap_model(model),
+        decay=recipe.ema.decay,
+        use_warmup=recipe.ema.warmup,
+        warmup_gamma=recipe.ema.warmup_gamma,
+        warmup_power=recipe.ema.warmup_power,
+    )
+
+
+def _restore(
+    recipe: Recipe,
+    run_dir: Path,
+    accelerator: Accelerator,
+    ema: ModelEmaV3 | None,
+    metrics_log: MetricsLog,
+) -> TrainerState:
+    """A fresh state, or on resume: Accelerate's state, the EMA weights and the trainer state.
+
+    ``metrics.jsonl`` loses the lines of epochs after the checkpoint (they will be replayed).
+    """
+    if not recipe.train.resume:
+        return TrainerState()
+    ckpt = find_resume_checkpoint(recipe.train.resume, run_dir)
+    accelerator.load_state(str(ckpt))
+    state = TrainerState.from_file(ckpt / "trainer_state.json")
+    if ema is not None:
+        if not (ckpt / EMA_FILE).is_file():
+            raise CheckpointError(f"{ckpt}: no {EMA_FILE}, but ema.enabled is true")
+        ema.module.load_state_dict(load_weights(ckpt, "ema"))
+    accelerator.print(
+        f"resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batches_done}, "
+        f"{state.updates} updates"
+    )
+    if accelerator.is_main_process:
+        metrics_log.truncate_after(state.epoch)
+    return state
+
+
+class _ImageLogger:
+    """``FitContext.log_images``: figures to the trackers at the current update count."""
+
+    def __init__(self, accelerator: Accelerator, state: TrainerState) -> None:
+        self.accelerator, self.state = accelerator, state
+
+    def __call__(self, images: dict[str, Path]) -> None:
+        if self.accelerator.trackers:
+            import wandb
+
+            logged = {k: wandb.Image(str(p)) for k, p in images.items()}
+            self.accelerator.log(logged, step=self.state.updates)
+
+
+def _first_images(dataset: Any, k: int) -> torch.Tensor:
+    """The first k images of a split in dataset order (uint8), for sample grids."""
+    k = min(k, len(dataset))
+    if k == 0:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    return torch.stack([dataset[i]["image"] for i in range(k)])
