@@ -31,9 +31,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 import train as train_script
+from classifier_training.data.synthetic import generate
 from classifier_training.recipe import parse_recipe
 from classifier_training.runtime import resolve_mixed_precision, usable_cpus
-from classifier_training.synthetic import generate
 
 
 def bare_loop(arch: str, size: int, batch: int, steps: int, device: torch.device) -> float:

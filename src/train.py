@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from classifier_training.checkpoint import CheckpointError, TrainerState
+from classifier_training.data.synthetic import SyntheticDatasetError
+from classifier_training.deploy.onnx_export import ExportError
 from classifier_training.engine.epoch_end import end_epoch
 from classifier_training.engine.finish import test_best
 from classifier_training.engine.loop import LoopCallback, train_one_epoch
@@ -31,9 +33,7 @@ from classifier_training.engine.selection import validate
 from classifier_training.engine.setup import setup
 from classifier_training.hooks import run_hooks
 from classifier_training.model import PretrainedWeightsError
-from classifier_training.onnx_export import ExportError
 from classifier_training.recipe import Recipe, parse_recipe
-from classifier_training.synthetic import SyntheticDatasetError
 
 log = logging.getLogger("train")
 

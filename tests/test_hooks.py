@@ -20,6 +20,7 @@ from classifier_training.augment.presets import resolve
 from classifier_training.data.dataset import ImageDataset
 from classifier_training.data.imbalance import WeightedClassSampler
 from classifier_training.data.index import DatasetIndex, index_dataset
+from classifier_training.data.synthetic import DEFAULT_LABELS
 from classifier_training.evaluation import EvalResult
 from classifier_training.hooks import HOOKS, build_hooks, common
 from classifier_training.hooks import history as history_module
@@ -35,7 +36,6 @@ from classifier_training.hooks.sample_predictions import (
 )
 from classifier_training.hooks.sampler_distribution import SamplerDistributionHook
 from classifier_training.recipe import AugmentConfig, DataConfig, HooksConfig, Recipe, load_recipe
-from classifier_training.synthetic import DEFAULT_LABELS
 from conftest import write_image, write_jsonl_dataset
 from test_onnx_export import make_run
 

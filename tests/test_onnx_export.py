@@ -21,8 +21,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from safetensors import safe_open
 
-import export as export_cli
-from classifier_training import onnx_export
 from classifier_training.checkpoint import CheckpointManager, TrainerState
 from classifier_training.data.index import index_dataset
 from classifier_training.data.labels import (
@@ -31,14 +29,15 @@ from classifier_training.data.labels import (
     write_labels_mapping,
 )
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
-from classifier_training.model import create_model
-from classifier_training.onnx_export import (
+from classifier_training.deploy import export_cli, onnx_export
+from classifier_training.deploy.onnx_export import (
     ExportError,
     ExportVerificationError,
     export_onnx,
     export_run,
     verify_onnx,
 )
+from classifier_training.model import create_model
 from classifier_training.recipe import DataConfig, ModelConfig, Recipe, save_recipe
 from conftest import write_jsonl_dataset
 

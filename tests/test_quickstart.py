@@ -21,9 +21,9 @@ from accelerate.state import AcceleratorState
 
 import train as train_script
 from classifier_training.data.loaders import load_index
-from classifier_training.evaluate import evaluate_onnx
+from classifier_training.data.synthetic import DEFAULT_LABELS
+from classifier_training.deploy.evaluate import evaluate_onnx
 from classifier_training.recipe import RECIPE_DIR, Recipe, load_recipe
-from classifier_training.synthetic import DEFAULT_LABELS
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import classifier_training.synthetic as synthetic
-from classifier_training.recipe import SyntheticConfig
-from classifier_training.synthetic import (
+import classifier_training.data.synthetic as synthetic
+from classifier_training.data.synthetic import (
     DEFAULT_LABELS,
     JERSEY_COLORS,
     SPLITS,
@@ -27,6 +26,7 @@ from classifier_training.synthetic import (
     render,
     usable_fonts,
 )
+from classifier_training.recipe import SyntheticConfig
 
 SMALL_LABELS = ("7", "0", "23", "00")
 SMALL: dict[str, Any] = {

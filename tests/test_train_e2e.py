@@ -24,12 +24,12 @@ from classifier_training.checkpoint import (
 )
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.loaders import build_loaders, load_index
+from classifier_training.data.synthetic import generate
 from classifier_training.engine.loop import LoopCallback
 from classifier_training.evaluation import evaluate
 from classifier_training.hooks import HookFailedElsewhereError, run_hooks
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.recipe import Recipe, parse_recipe
-from classifier_training.synthetic import generate
 
 pytestmark = pytest.mark.slow
 

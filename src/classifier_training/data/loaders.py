@@ -46,7 +46,7 @@ def load_index(cfg: DataConfig) -> DatasetIndex:
     empty folder) and ``cfg.generate_if_missing`` is set."""
     root = Path(cfg.root)
     if cfg.generate_if_missing and (not root.exists() or not any(root.iterdir())):
-        from classifier_training.synthetic import ensure_synthetic
+        from classifier_training.data.synthetic import ensure_synthetic
 
         ensure_synthetic(root, cfg.synthetic)
     return index_dataset(

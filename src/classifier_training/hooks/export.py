@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
+from classifier_training.deploy.onnx_export import EXPORT_INFO_FILE, export_run
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.onnx_export import EXPORT_INFO_FILE, export_run
 
 
 class ExportHook(Hook):

@@ -1,6 +1,6 @@
 """Evaluate an exported model with onnxruntime on a dataset split (no torch).
 
-    python -m classifier_training.evaluate --model runs/<name>/export --data data/jerseys \\
+    python -m classifier_training.deploy.evaluate --model runs/<name>/export --data data/jerseys \\
         [--split valid] [--format auto] [--out DIR] [--batch-size 32]
 
 The split is indexed with the model's own class map (``labels_mapping.json``), and rows whose
@@ -31,7 +31,7 @@ import numpy as np
 
 from classifier_training.data.index import DataError, index_split
 from classifier_training.data.preprocess import open_rgb
-from classifier_training.inference import OnnxClassifier, softmax
+from classifier_training.deploy.onnx_classifier import OnnxClassifier, softmax
 
 
 def evaluate_onnx(
@@ -140,7 +140,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m classifier_training.evaluate",
+        prog="python -m classifier_training.deploy.evaluate",
         description="Accuracy of an exported ONNX model on a JSONL or ImageFolder split.",
     )
     p.add_argument("--model", required=True, help="export folder (model.onnx + labels)")

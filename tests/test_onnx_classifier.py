@@ -17,16 +17,16 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from classifier_training import evaluate as evaluate_cli
-from classifier_training import predict as predict_cli
 from classifier_training.data.dataset import ImageDataset
 from classifier_training.data.index import index_dataset
 from classifier_training.data.labels import labels_mapping, write_labels_mapping
-from classifier_training.evaluate import evaluate_onnx
+from classifier_training.deploy import evaluate as evaluate_cli
+from classifier_training.deploy import predict as predict_cli
+from classifier_training.deploy.evaluate import evaluate_onnx
+from classifier_training.deploy.onnx_classifier import OnnxClassifier, softmax
+from classifier_training.deploy.onnx_export import export_run
 from classifier_training.evaluation import EvalResult
 from classifier_training.evaluation import evaluate as torch_evaluate
-from classifier_training.inference import OnnxClassifier, softmax
-from classifier_training.onnx_export import export_run
 from conftest import write_imagefolder_dataset
 from test_onnx_export import CLASSES, SIZE, make_run, real_batch
 
@@ -226,10 +226,11 @@ def test_evaluate_cli(
     assert "not found" in capsys.readouterr().err
 
 
-def test_inference_modules_do_not_import_torch() -> None:
+def test_torch_free_deploy_modules_do_not_import_torch() -> None:
     code = (
-        "import classifier_training.inference, classifier_training.evaluate, "
-        "classifier_training.predict; import sys; "
+        "import classifier_training.deploy, classifier_training.deploy.onnx_classifier, "
+        "classifier_training.deploy.evaluate, "
+        "classifier_training.deploy.predict; import sys; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

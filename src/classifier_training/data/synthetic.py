@@ -93,7 +93,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR = "classifier_training.synthetic"
+GENERATOR = "classifier_training.synthetic"  # the marker in dataset.json, not a module path
 GENERATOR_VERSION = 1
 """Bump whenever the same seed and arguments would give different pixels."""
 
@@ -787,10 +787,10 @@ def _format_summary(summary: dict[str, Any], out_dir: Path, seconds: float) -> s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m classifier_training.synthetic --out DIR [...]``: generate and print a summary."""
+    """``python -m classifier_training.data.synthetic --out DIR [...]``: generate, summarise."""
     defaults = SyntheticConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m classifier_training.synthetic",
+        prog="python -m classifier_training.data.synthetic",
         description="Render a synthetic basketball jersey number dataset (JSONL layout).",
     )
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to create")

@@ -1,6 +1,6 @@
 """Classify images with an exported model (onnxruntime, no torch).
 
-    python -m classifier_training.predict --model runs/<name>/export a.jpg b.jpg --top-k 3
+    python -m classifier_training.deploy.predict --model runs/<name>/export a.jpg b.jpg --top-k 3
 
 Prints one JSON document: ``[{"image": path, "predictions": [{"class_id", "label",
 "confidence"}, ...]}, ...]`` with softmax confidences, most confident first.
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classifier_training.data.preprocess import open_rgb
-from classifier_training.inference import OnnxClassifier
+from classifier_training.deploy.onnx_classifier import OnnxClassifier
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m classifier_training.predict",
+        prog="python -m classifier_training.deploy.predict",
         description="Top-k labels with softmax confidences from an exported ONNX model.",
     )
     p.add_argument("--model", required=True, help="export folder (model.onnx + labels) or .onnx")

@@ -1,0 +1,92 @@
+"""Export a run to a verified ONNX bundle: the ``python -m export`` command.
+
+    python -m export --run runs/jersey [--checkpoint best|last|PATH] [--weights selected|ema|raw]
+        [--opset 17] [--out DIR] [--verify-images 32] [--atol 1e-4] [--data ROOT]
+
+Works on finished and interrupted runs alike (any checkpoint the ledger lists). The bundle is
+verified against PyTorch with onnxruntime on real validation images before it is moved into
+place; on failure nothing is written and the exit status is 1. ``src/export.py`` (run as
+``python -m export``) and the ``classifier-export`` console script both call :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # export never needs pretrained weights
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a training run to model.onnx + labels_mapping.json, verified "
+        "against PyTorch with onnxruntime on real validation images.",
+    )
+    p.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint folder")
+    p.add_argument("--weights", default="selected", choices=["selected", "ema", "raw"])
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--out", default=None, help="bundle folder (default <run>/export)")
+    p.add_argument(
+        "--verify-images", type=int, default=32, help="validation images compared (>= 1)"
+    )
+    p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| allowed")
+    p.add_argument("--data", default=None, help="dataset root, if it moved since training")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from classifier_training.checkpoint import CheckpointError
+    from classifier_training.data.index import DataError
+    from classifier_training.deploy.onnx_export import ExportError, export_run
+    from classifier_training.model import PretrainedWeightsError
+    from classifier_training.recipe import RecipeError
+
+    try:
+        out = export_run(
+            args.run,
+            checkpoint=args.checkpoint,
+            weights=args.weights,
+            opset=args.opset,
+            out=args.out,
+            verify_images=args.verify_images,
+            atol=args.atol,
+            data_root=args.data,
+        )
+    except (
+        ExportError,
+        CheckpointError,
+        DataError,
+        RecipeError,
+        PretrainedWeightsError,
+        OSError,
+    ) as err:
+        print(f"export failed: {err}", file=sys.stderr)
+        return 1
+    info = json.loads((out / "export.json").read_text(encoding="utf-8"))
+    ver, ck = info["verification"], info["checkpoint"]
+    print(f"exported {info['arch']} ({info['num_classes']} classes, {info['weights']} weights)")
+    print(
+        f"  checkpoint   {ck['path']} (epoch {ck['epoch']}, {ck['monitor']} {ck['monitor_value']})"
+    )
+    print(
+        f"  verified     {ver['n_images']} {info['data']['verify_split']} images, batch sizes "
+        f"{ver['batch_sizes']}: top-1 agrees {ver['top1_agree']}, max |logit diff| "
+        f"{ver['max_abs_diff']:.2e} <= {ver['atol']:.0e}"
+    )
+    print(
+        f"  bundle       {out}/ (model.onnx, labels_mapping.json, model.safetensors, "
+        "export.json, README.md)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
