@@ -15,6 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from classifier_training import io as cio
 from classifier_training.augment.pipeline import BatchAugment
 from classifier_training.augment.presets import resolve
 from classifier_training.data.dataset import ImageDataset
@@ -22,7 +23,7 @@ from classifier_training.data.imbalance import WeightedClassSampler
 from classifier_training.data.index import DatasetIndex, index_dataset
 from classifier_training.data.synthetic import DEFAULT_LABELS
 from classifier_training.evaluation import EvalResult
-from classifier_training.hooks import HOOKS, build_hooks, common
+from classifier_training.hooks import HOOKS, build_hooks
 from classifier_training.hooks import history as history_module
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook, confusion_counts
@@ -292,7 +293,7 @@ def test_history_includes_the_current_epoch(
 ) -> None:
     metrics = tmp_path / "metrics.jsonl"
     figures: dict[str, Figure] = {}
-    real_save: Callable[[Figure, Path], Path] = common.save_figure
+    real_save: Callable[[Figure, Path], Path] = cio.save_figure
 
     def capture(fig: Figure, path: Path, dpi: int = 150) -> Path:
         figures[path.name] = fig

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from classifier_training.io import atomic_write_text
+
 LEDGER = "ledger.json"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
@@ -103,12 +105,6 @@ class Ledger:
             raise CheckpointError(f"{path}: corrupt checkpoint ledger ({err})") from err
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class CheckpointManager:
     """Saves, ranks and prunes checkpoints of one run; all processes call ``save``."""
 
@@ -155,7 +151,7 @@ class CheckpointManager:
             if ema is not None:
                 sd = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
                 save_file(sd, str(tmp / EMA_FILE))
-            _atomic_write(tmp / STATE_FILE, state.to_json())
+            atomic_write_text(tmp / STATE_FILE, state.to_json())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -173,7 +169,7 @@ class CheckpointManager:
             ledger.best.sort(key=lambda e: sign * e.value)
             ledger.best = ledger.best[: self.keep_top_k]
         ledger.last = name
-        _atomic_write(self.root / LEDGER, ledger.to_json())
+        atomic_write_text(self.root / LEDGER, ledger.to_json())
         keep = {ledger.last, *(e.name for e in ledger.best)}
         for child in self.root.iterdir():
             if child.is_dir() and child.name not in keep and not child.name.startswith("."):

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import yaml
 from simple_parsing import field as simple_field
 
+from classifier_training.io import atomic_write_text
+
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -579,9 +581,5 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe as YAML atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write the resolved recipe as YAML atomically (temp file, fsync, rename)."""
+    atomic_write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

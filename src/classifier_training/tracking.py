@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from accelerate import Accelerator
 
+from classifier_training.io import atomic_write_text
 from classifier_training.recipe import LoggingConfig
 
 if TYPE_CHECKING:
@@ -114,9 +115,7 @@ class MetricsLog:
             for line in self.path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done
         ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:

@@ -10,8 +10,6 @@ one column per image.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from torch import Tensor
 
 from classifier_training.augment.pipeline import BatchAugment
 from classifier_training.augment.presets import resolve
+from classifier_training.io import atomic_open
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _LABEL_WIDTH = 56
@@ -74,16 +73,8 @@ def save_preview(
             canvas.paste(tile, (_LABEL_WIDTH + c * (width + _GAP), top))
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            canvas.save(handle, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a preview is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as handle:
+        canvas.save(handle, format="PNG")
     return path
 
 

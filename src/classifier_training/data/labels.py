@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from classifier_training.data.preprocess import resize_size
+from classifier_training.io import atomic_write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,21 +71,11 @@ def labels_mapping(
 
 
 def write_labels_mapping(path: str | Path, mapping: Mapping[str, Any]) -> None:
-    """Write ``json.dumps(indent=2)`` plus a newline atomically (temp file in the same folder,
-    then ``os.replace``); the same mapping always gives the same bytes."""
-    path = Path(path)
+    """Write ``json.dumps(indent=2)`` plus a newline atomically and durably
+    (:func:`~classifier_training.io.atomic_write_json`, key order kept: the same mapping always
+    gives the same bytes)."""
     _validate(mapping, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(mapping, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_json(path, mapping)
 
 
 def read_labels_mapping(path: str | Path) -> dict[str, Any]:

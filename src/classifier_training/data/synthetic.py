@@ -59,7 +59,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -74,6 +73,7 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from classifier_training.io import atomic_write_json
 from classifier_training.recipe import SyntheticConfig
 
 __all__ = [
@@ -650,18 +650,12 @@ def generate(
     try:
         for split, counts in per_split.items():
             _write_split(staging / split, split, counts, image_size=image_size, seed=seed)
-        _write_json_atomic(staging / "dataset.json", summary)
+        atomic_write_json(staging / "dataset.json", summary)
         _move_into_place(staging, out_dir, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def _move_into_place(staging: Path, out_dir: Path, *, overwrite: bool) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from classifier_training.data.index import DataError, index_split
 from classifier_training.data.preprocess import open_rgb
 from classifier_training.deploy.onnx_classifier import OnnxClassifier, softmax
+from classifier_training.io import atomic_write_json, atomic_write_text
 
 
 def evaluate_onnx(
@@ -111,15 +111,9 @@ def evaluate_onnx(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        _atomic_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

@@ -55,6 +55,7 @@ from classifier_training.checkpoint import (
 from classifier_training.data.index import DataError, Sample, index_split
 from classifier_training.data.labels import read_labels_mapping, write_labels_mapping
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
+from classifier_training.io import atomic_write_json, atomic_write_text
 from classifier_training.model import create_model
 from classifier_training.recipe import Recipe, load_recipe
 
@@ -519,10 +520,10 @@ def export_run(
             "versions": _versions(),
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
-        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(tmp / EXPORT_INFO_FILE, info)
         per_class = _per_class_accuracy(metrics, chosen, selected)
         card = _model_card(info, mapping, per_class, _split_counts(run_dir))
-        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        atomic_write_text(tmp / CARD_FILE, card)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

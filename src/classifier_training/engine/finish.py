@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any
-
 import torch
 
 from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.checkpoint import TrainerState, load_weights
 from classifier_training.engine.setup import Run
 from classifier_training.evaluation import evaluate
+from classifier_training.io import atomic_write_json
 from classifier_training.model import create_model
 
 
@@ -50,7 +46,11 @@ def test_best(run: Run, state: TrainerState) -> dict[str, float]:
     run.ctx.evals["test"] = result
     final_metrics.update(result.metrics)
     if accelerator.is_main_process:
-        _write_json(run.run_dir / "test_metrics.json", {"checkpoint": str(best), **result.metrics})
+        atomic_write_json(
+            run.run_dir / "test_metrics.json",
+            {"checkpoint": str(best), **result.metrics},
+            sort_keys=True,
+        )
         accelerator.print(
             f"test ({run.selected} weights of {best.name}): "
             f"top-1 {result.metrics.get('test/acc_top1', float('nan')):.4f} "
@@ -59,9 +59,3 @@ def test_best(run: Run, state: TrainerState) -> dict[str, float]:
     if accelerator.trackers:
         accelerator.log(result.metrics, step=state.updates)
     return final_metrics
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

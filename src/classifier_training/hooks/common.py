@@ -1,35 +1,14 @@
-"""Small helpers shared by the hooks: atomic file writes, figures, console tables.
+"""Small helpers shared by the hooks: console tables.
 
-Figures use matplotlib's object API (``Figure``, no ``pyplot``): no global state, no GUI
-backend, safe in any process.
+Files are written with :mod:`classifier_training.io` (atomic JSON and figures). Figures use
+matplotlib's object API (``Figure``, no ``pyplot``): no global state, no GUI backend, safe in
+any process.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-from matplotlib.figure import Figure
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON via a temp file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_figure(fig: Figure, path: Path, dpi: int = 150) -> Path:
-    """Save ``fig`` as PNG atomically (a reader never sees a half-written image)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, path)
-    return path
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.hooks.common import atomic_write_json, save_figure
+from classifier_training.io import atomic_write_json, save_figure
 
 TOP_PAIRS = 20
 """Confused pairs kept in the JSON (the console shows the first 5)."""

@@ -36,7 +36,8 @@ from PIL import Image
 
 from classifier_training.data.index import DatasetIndex
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.hooks.common import atomic_write_json, format_table, save_figure
+from classifier_training.hooks.common import format_table
+from classifier_training.io import atomic_write_json, save_figure
 
 TINY_SIDE = 16
 """Images whose shorter side is below this many pixels are reported as tiny."""

@@ -21,7 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.hooks.common import save_figure
+from classifier_training.io import save_figure
 
 LOSS_KEYS = ("train/loss", "val/loss", "val_raw/loss", "val_ema/loss")
 ACC_KEYS = (

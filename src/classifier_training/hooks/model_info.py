@@ -20,7 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.hooks.common import atomic_write_json, format_table
+from classifier_training.hooks.common import format_table
+from classifier_training.io import atomic_write_json
 
 LATENCY_RUNS = 7
 """Timed forward passes (after 2 warm-up passes); the median is reported."""

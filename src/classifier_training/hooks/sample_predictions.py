@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from classifier_training.evaluation import EvalResult
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.hooks.common import save_figure
+from classifier_training.io import save_figure
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 

@@ -20,7 +20,8 @@ import torch
 
 from classifier_training.data.imbalance import WeightedClassSampler
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.hooks.common import atomic_write_json, format_table
+from classifier_training.hooks.common import format_table
+from classifier_training.io import atomic_write_json
 
 
 def sampler_distribution(
