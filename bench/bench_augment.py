@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from classifier_training.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, jersey
+from classifier_training.augment import BatchAugment, jersey
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def reference_per_sample(size: int) -> v2.Compose:

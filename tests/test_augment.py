@@ -21,8 +21,6 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from classifier_training.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentParams,
     BatchAugment,
     imagenet,
@@ -35,6 +33,7 @@ from classifier_training.augment import (
 from classifier_training.augment.pipeline import _same_device
 from classifier_training.augment.preview import main as preview_main
 from classifier_training.augment.preview import save_preview
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.recipe import AugmentConfig
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -17,14 +17,15 @@ from classifier_training.data.dataset import ImageDataset, Item
 from classifier_training.data.imbalance import WeightedClassSampler
 from classifier_training.data.index import DataError, DatasetIndex, index_dataset
 from classifier_training.data.labels import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     labels_mapping,
     read_labels_mapping,
     write_labels_mapping,
 )
 from classifier_training.data.loaders import build_loaders, load_index
 from classifier_training.data.preprocess import (
+    FIXED_PREPROCESSING,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     PAD_RGB,
     eval_image,
     jpeg_degrade,
@@ -155,6 +156,18 @@ def test_labels_mapping_exact_schema() -> None:
     # Input order does not matter: entries are ordered by index.
     shuffled = dict(reversed(list(CLASS_TO_IDX.items())))
     assert json.dumps(labels_mapping(shuffled, 224)) == json.dumps(m)
+
+
+def test_one_owner_of_the_normalisation_and_the_preprocessing_contract() -> None:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    assert (IMAGENET_MEAN, IMAGENET_STD) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert tuple(round(255 * m) for m in IMAGENET_MEAN) == PAD_RGB
+    pre = labels_mapping(CLASS_TO_IDX, 96)["preprocessing"]
+    assert list(pre) == ["resize_shorter", "center_crop", *FIXED_PREPROCESSING]
+    assert {k: pre[k] for k in FIXED_PREPROCESSING} == dict(FIXED_PREPROCESSING)
+    with pytest.raises(TypeError):
+        FIXED_PREPROCESSING["scale"] = "1/127.5"  # type: ignore[index]
 
 
 def test_write_labels_mapping_is_byte_identical_and_atomic(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import train as train_script
-from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -24,6 +23,7 @@ from classifier_training.checkpoint import (
 )
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.loaders import build_loaders, load_index
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.data.synthetic import generate
 from classifier_training.engine.loop import LoopCallback
 from classifier_training.evaluation import evaluate

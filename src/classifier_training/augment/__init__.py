@@ -7,8 +7,6 @@ from ``generator``; ``normalize_batch`` is the deterministic evaluation preproce
 
 from classifier_training.augment.pipeline import BatchAugment, normalize_batch
 from classifier_training.augment.presets import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PRESETS,
     AugmentParams,
     imagenet,
@@ -18,8 +16,6 @@ from classifier_training.augment.presets import (
 )
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "PRESETS",
     "AugmentParams",
     "BatchAugment",

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from classifier_training.augment import ops
-from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD, AugmentParams
+from classifier_training.augment.presets import AugmentParams
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _stats(values: Sequence[float], device: torch.device) -> Tensor:

@@ -22,13 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from classifier_training.data.preprocess import IMAGENET_MEAN
+
 if TYPE_CHECKING:
     from classifier_training.recipe import AugmentConfig
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-"""ImageNet RGB mean on the 0-1 scale (normalisation, and the zoom-out fill)."""
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-"""ImageNet RGB standard deviation on the 0-1 scale."""
 
 
 def _fail(where: str, value: object, rule: str) -> None:
@@ -278,8 +275,6 @@ def resolve(cfg: AugmentConfig) -> AugmentParams:
 
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "PRESETS",
     "AugmentParams",
     "imagenet",

@@ -23,23 +23,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from classifier_training.data.preprocess import resize_size
+from classifier_training.data.preprocess import (
+    FIXED_PREPROCESSING,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    preprocessing_contract,
+)
 from classifier_training.io import atomic_write_json
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 CONTRACT_KEYS = ("num_classes", "class_to_idx", "idx_to_class", "normalization")
-PREPROCESSING_KEYS = (
-    "resize_shorter",
-    "center_crop",
-    "interpolation",
-    "color",
-    "layout",
-    "dtype",
-    "scale",
-    "output",
-)
+PREPROCESSING_KEYS = ("resize_shorter", "center_crop", *FIXED_PREPROCESSING)
 
 
 def labels_mapping(
@@ -55,16 +48,7 @@ def labels_mapping(
         "class_to_idx": {label: int(i) for label, i in ordered},
         "idx_to_class": {str(int(i)): label for label, i in ordered},
         "normalization": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
-        "preprocessing": {
-            "resize_shorter": resize_size(image_size),
-            "center_crop": int(image_size),
-            "interpolation": "bilinear",
-            "color": "RGB",
-            "layout": "NCHW",
-            "dtype": "float32",
-            "scale": "1/255",
-            "output": "logits",
-        },
+        "preprocessing": preprocessing_contract(image_size),
     }
     _validate(mapping, "labels_mapping()")
     return mapping
@@ -145,14 +129,6 @@ def _validate(m: Mapping[str, Any], where: str) -> None:
             raise bad(f"preprocessing.{key}", f"must be a positive integer, got {v!r}")
     if pre["resize_shorter"] < pre["center_crop"]:
         raise bad("preprocessing.resize_shorter", "must be >= center_crop")
-    fixed = {
-        "interpolation": "bilinear",
-        "color": "RGB",
-        "layout": "NCHW",
-        "dtype": "float32",
-        "scale": "1/255",
-        "output": "logits",
-    }
-    for key, value in fixed.items():
+    for key, value in FIXED_PREPROCESSING.items():
         if pre[key] != value:
             raise bad(f"preprocessing.{key}", f"only {value!r} is supported, got {pre[key]!r}")

@@ -16,9 +16,10 @@ image is prepared the same way wherever the model sees it:
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +27,27 @@ from PIL import Image
 
 TrainFit = Literal["letterbox", "stretch"]
 
-PAD_RGB = (124, 116, 104)
-"""Letterbox fill: the ImageNet mean (0.485, 0.456, 0.406) in 0-255, i.e. ~0 after normalising."""
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""ImageNet RGB mean on the 0-1 scale (timm's ``IMAGENET_DEFAULT_MEAN``): the normalisation of
+every model input, and the fill colour of letterbox and zoom-out."""
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""ImageNet RGB standard deviation on the 0-1 scale (timm's ``IMAGENET_DEFAULT_STD``)."""
+
+PAD_RGB: tuple[int, int, int] = (124, 116, 104)
+"""Letterbox fill: :data:`IMAGENET_MEAN` in 0-255 (rounded), i.e. ~0 after normalising."""
+
+FIXED_PREPROCESSING: Mapping[str, str] = types.MappingProxyType(
+    {
+        "interpolation": "bilinear",
+        "color": "RGB",
+        "layout": "NCHW",
+        "dtype": "float32",
+        "scale": "1/255",
+        "output": "logits",
+    }
+)
+"""What this module implements and no recipe changes: the fixed part of the ``preprocessing``
+section of ``labels_mapping.json`` (see :func:`preprocessing_contract`)."""
 
 _BILINEAR = Image.Resampling.BILINEAR
 
@@ -40,6 +60,16 @@ def resize_size(image_size: int) -> int:
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     return round(image_size * 256 / 224)
+
+
+def preprocessing_contract(image_size: int) -> dict[str, Any]:
+    """The ``preprocessing`` section of ``labels_mapping.json`` for :func:`eval_image` at
+    ``image_size`` followed by :func:`to_nchw_float` (key order fixed: the JSON is byte-stable)."""
+    return {
+        "resize_shorter": resize_size(image_size),
+        "center_crop": int(image_size),
+        **FIXED_PREPROCESSING,
+    }
 
 
 def open_rgb(path: str | Path) -> Image.Image:

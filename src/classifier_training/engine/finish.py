@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.checkpoint import TrainerState, load_weights
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.engine.setup import Run
 from classifier_training.evaluation import evaluate
 from classifier_training.io import atomic_write_json

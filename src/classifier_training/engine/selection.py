@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.checkpoint import TrainerState
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.engine.setup import Run
 from classifier_training.evaluation import EvalResult, evaluate
 

@@ -18,7 +18,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils.model_ema import ModelEmaV3
 
 from classifier_training.augment.pipeline import BatchAugment
-from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD, resolve
+from classifier_training.augment.presets import resolve
 from classifier_training.checkpoint import (
     EMA_FILE,
     CheckpointError,
@@ -31,6 +31,7 @@ from classifier_training.data.imbalance import class_counts, inverse_frequency_w
 from classifier_training.data.index import DatasetIndex
 from classifier_training.data.labels import labels_mapping, write_labels_mapping
 from classifier_training.data.loaders import Loaders, build_loaders, load_index
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.hooks import build_hooks
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.model import create_model
