@@ -32,7 +32,7 @@ from accelerate.state import AcceleratorState
 
 import train as train_script
 from classifier_training.data.synthetic import generate
-from classifier_training.recipe import parse_recipe
+from classifier_training.recipe import SyntheticConfig, parse_recipe
 from classifier_training.runtime import resolve_mixed_precision, usable_cpus
 
 
@@ -105,8 +105,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         per_class = max(2, args.batch * args.batches // 42 + 1)
-        generate(data, train_per_class=per_class, valid_per_class=2, test_per_class=1,
-                 image_size=args.size)  # fmt: skip
+        generate(
+            data,
+            SyntheticConfig(
+                train_per_class=per_class, valid_per_class=2, test_per_class=1, image_size=args.size
+            ),
+        )
         # The bare ceiling is timed before and after the loops; their spread is the noise floor.
         bare_before = bare_loop(args.arch, args.size, args.batch, args.batches, device)
         loop = framework_loop(args, data, Path(tmp) / "run-none", "none")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +15,26 @@ import pytest
 from PIL import Image
 
 import classifier_training.data.synthetic as synthetic
+import classifier_training.data.synthetic_render as synthetic_render
 from classifier_training.data.synthetic import (
     DEFAULT_LABELS,
-    JERSEY_COLORS,
     SPLITS,
     SyntheticDatasetError,
-    draws_digits,
     ensure_synthetic,
-    font_dir,
     generate,
     long_tail_counts,
     main,
+)
+from classifier_training.data.synthetic_render import (
+    JERSEY_COLORS,
+    draws_digits,
+    font_dir,
     render,
     usable_fonts,
 )
 from classifier_training.recipe import SyntheticConfig
 
-SMALL_LABELS = ("7", "0", "23", "00")
+SMALL_LABELS = ["7", "0", "23", "00"]
 SMALL: dict[str, Any] = {
     "labels": SMALL_LABELS,
     "train_per_class": 3,
@@ -36,6 +42,11 @@ SMALL: dict[str, Any] = {
     "test_per_class": 1,
     "image_size": 32,
 }
+
+
+def config(**fields: Any) -> SyntheticConfig:
+    """The SMALL dataset with ``fields`` changed."""
+    return SyntheticConfig(**{**SMALL, **fields})
 
 
 def tree_digest(root: Path) -> str:
@@ -55,7 +66,7 @@ def read_records(jsonl: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("synth") / "jerseys"
-    return out, generate(out, **SMALL)
+    return out, generate(out, config())
 
 
 def test_default_labels_are_42_sorted_plain_strings() -> None:
@@ -123,12 +134,14 @@ def test_long_tail_dataset_ratio_and_balanced_eval(tmp_path: Path) -> None:
     labels = [str(n) for n in range(8)]
     summary = generate(
         tmp_path / "lt",
-        labels=labels,
-        train_per_class=120,
-        valid_per_class=2,
-        test_per_class=1,
-        image_size=16,
-        long_tail=True,
+        SyntheticConfig(
+            labels=labels,
+            train_per_class=120,
+            valid_per_class=2,
+            test_per_class=1,
+            image_size=16,
+            long_tail=True,
+        ),
     )
     suffixes = [r["suffix"] for r in read_records(tmp_path / "lt" / "train" / "annotations.jsonl")]
     train = {label: suffixes.count(label) for label in labels}
@@ -143,8 +156,8 @@ def test_same_seed_same_bytes_other_seed_differs(
     tmp_path: Path, small_dataset: tuple[Path, dict[str, Any]]
 ) -> None:
     first, _ = small_dataset
-    generate(tmp_path / "again", **SMALL)
-    generate(tmp_path / "seed1", **SMALL, seed=1)
+    generate(tmp_path / "again", config())
+    generate(tmp_path / "seed1", config(seed=1))
     assert tree_digest(tmp_path / "again") == tree_digest(first)
     assert tree_digest(tmp_path / "seed1") != tree_digest(first)
 
@@ -153,7 +166,7 @@ def test_changing_one_count_does_not_reshuffle_other_images(
     tmp_path: Path, small_dataset: tuple[Path, dict[str, Any]]
 ) -> None:
     first, _ = small_dataset
-    generate(tmp_path / "more", **{**SMALL, "train_per_class": 5, "labels": ("0", "7")})
+    generate(tmp_path / "more", config(train_per_class=5, labels=["0", "7"]))
     for name in ("synth_0_00002.jpg", "synth_7_00000.jpg"):
         old = (first / "train" / "images" / name).read_bytes()
         assert (tmp_path / "more" / "train" / "images" / name).read_bytes() == old
@@ -164,13 +177,13 @@ def test_changing_one_count_does_not_reshuffle_other_images(
 
 def _blank_number_masks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Render the same crop without its number (same random draws, masks zeroed)."""
-    real = synthetic._number_masks
+    real = synthetic_render._number_masks
 
     def blank(label: str, font_path: Path, rng: np.random.Generator, size: int) -> Any:
         outer, _ = real(label, font_path, rng, size)
         return np.zeros_like(outer), np.zeros_like(outer)
 
-    monkeypatch.setattr(synthetic, "_number_masks", blank)
+    monkeypatch.setattr(synthetic_render, "_number_masks", blank)
 
 
 @pytest.mark.parametrize("jersey", sorted(JERSEY_COLORS))
@@ -226,26 +239,28 @@ def test_render_rejects_bad_arguments() -> None:
 
 def test_generate_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="duplicates"):
-        generate(tmp_path / "a", labels=["1", "1"])
-    with pytest.raises(ValueError, match="empty"):
-        generate(tmp_path / "a", labels=[])
+        generate(tmp_path / "a", config(labels=["1", "1"]))
+    with pytest.raises(ValueError, match="string of digits"):
+        generate(tmp_path / "a", config(labels=["1", "A"]))
     with pytest.raises(ValueError, match="not one string"):
-        generate(tmp_path / "a", labels="12")
+        generate(tmp_path / "a", config(labels="12"))
     with pytest.raises(ValueError, match="seed=-1"):
-        generate(tmp_path / "a", labels=["1"], seed=-1)
+        generate(tmp_path / "a", config(seed=-1))
     with pytest.raises(ValueError, match="train_per_class=0"):
-        generate(tmp_path / "a", labels=["1"], train_per_class=0)
+        generate(tmp_path / "a", config(train_per_class=0))
+    with pytest.raises(ValueError, match="image_size=8"):
+        generate(tmp_path / "a", config(image_size=8))
     assert not (tmp_path / "a").exists()
 
 
 def test_overwrite_protection(tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    generate(out, **SMALL)
+    generate(out, config())
     before = tree_digest(out)
     with pytest.raises(SyntheticDatasetError, match=r"not empty; pass overwrite=True"):
-        generate(out, **SMALL, seed=5)
+        generate(out, config(seed=5))
     assert tree_digest(out) == before
-    generate(out, **SMALL, seed=5, overwrite=True)
+    generate(out, config(seed=5), overwrite=True)
     assert tree_digest(out) != before
     assert json.loads((out / "dataset.json").read_text())["seed"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no staging or retired copies
@@ -256,13 +271,13 @@ def test_overwrite_never_deletes_a_foreign_folder(tmp_path: Path) -> None:
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
     with pytest.raises(SyntheticDatasetError, match="refusing to delete"):
-        generate(foreign, **SMALL, overwrite=True)
+        generate(foreign, config(), overwrite=True)
     assert (foreign / "keep.txt").read_text() == "mine"
 
 
 def test_empty_existing_folder_is_filled(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    generate(tmp_path / "empty", **SMALL)
+    generate(tmp_path / "empty", config())
     assert (tmp_path / "empty" / "train" / "annotations.jsonl").is_file()
 
 
@@ -280,7 +295,7 @@ def test_interrupted_generation_leaves_nothing(
 
     monkeypatch.setattr(synthetic, "render", failing)
     with pytest.raises(KeyboardInterrupt):
-        generate(tmp_path / "ds", **SMALL)
+        generate(tmp_path / "ds", config())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -306,14 +321,16 @@ def test_ensure_synthetic_uses_default_labels_when_empty(
 ) -> None:
     seen: dict[str, Any] = {}
 
-    def record(out_dir: Path, **kwargs: Any) -> dict[str, Any]:
-        seen.update(kwargs)
+    def record(out_dir: Path, cfg: SyntheticConfig) -> dict[str, Any]:
+        seen["summary"] = synthetic._plan(cfg)
         return {}
 
     monkeypatch.setattr(synthetic, "generate", record)
     assert ensure_synthetic(tmp_path / "x", SyntheticConfig()) is True
-    assert tuple(seen["labels"]) == DEFAULT_LABELS
-    assert seen["train_per_class"] == 60 and seen["image_size"] == 64 and seen["seed"] == 0
+    summary = seen["summary"]
+    assert tuple(summary["labels"]) == DEFAULT_LABELS
+    assert summary["train_per_class"] == 60 and summary["image_size"] == 64
+    assert summary["seed"] == 0 and summary["splits"]["train"]["total"] == 42 * 60
 
 
 def test_fonts_draw_digits_and_junk_fonts_are_rejected() -> None:
@@ -337,6 +354,30 @@ def test_cli_prints_summary_and_refuses_existing(
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--long-tail", "--seed", "3"]) == 0
+    info = json.loads((tmp_path / "cli" / "dataset.json").read_text())
+    assert info["long_tail"] is True and info["seed"] == 3 and info["image_size"] == 16
+    assert main([*args, "--overwrite", "--image_size", "8"]) == 2  # underscores work too
+    assert "image_size=8" in capsys.readouterr().err
+
+
+def test_cli_help_is_the_config_docs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("--train_per_class", "--long_tail", "--labels", "--out", "--overwrite"):
+        assert name in out
+    assert "Train images per class (the largest class under ``long_tail``)." in out
+
+
+@pytest.mark.slow
+def test_python_dash_m_synthetic(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "classifier_training.data.synthetic", "--out", str(out)]
+    cmd += ["--train_per_class", "1", "--valid_per_class", "1", "--test_per_class", "0"]
+    cmd += ["--image_size", "16", "--labels", "3", "33"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "dataset.json").read_text())["labels"] == ["3", "33"]
 
 
 def test_ensure_synthetic_keeps_a_dataset_another_process_finished_first(
@@ -353,8 +394,7 @@ def test_ensure_synthetic_keeps_a_dataset_another_process_finished_first(
         real_write_split(split_dir, split, counts, **kwargs)
         if split == "test" and not raced:  # the other process moves its copy in just before us
             raced.append(True)
-            generate(root, labels=["5"], train_per_class=1, valid_per_class=1,
-                     test_per_class=1, image_size=16, seed=9)  # fmt: skip
+            generate(root, dataclasses.replace(cfg, seed=9))
 
     monkeypatch.setattr(synthetic, "_write_split", racing)
     assert ensure_synthetic(root, cfg) is False

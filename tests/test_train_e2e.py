@@ -29,7 +29,7 @@ from classifier_training.engine.loop import LoopCallback
 from classifier_training.evaluation import evaluate
 from classifier_training.hooks import HookFailedElsewhereError, run_hooks
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.recipe import Recipe, parse_recipe
+from classifier_training.recipe import Recipe, SyntheticConfig, parse_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +39,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data") / "jerseys"
     generate(
         root,
-        labels=("0", "00", "1", "7"),
-        train_per_class=10,
-        valid_per_class=3,
-        test_per_class=2,
-        image_size=32,
-        seed=1,
+        SyntheticConfig(
+            labels=["0", "00", "1", "7"],
+            train_per_class=10,
+            valid_per_class=3,
+            test_per_class=2,
+            image_size=32,
+            seed=1,
+        ),
     )
     return root
 
