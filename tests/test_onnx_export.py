@@ -38,7 +38,7 @@ from classifier_training.deploy.onnx_export import (
     verify_onnx,
 )
 from classifier_training.model import create_model
-from classifier_training.recipe import DataConfig, ModelConfig, Recipe, save_recipe
+from classifier_training.recipe import DataConfig, ExportConfig, ModelConfig, Recipe, save_recipe
 from conftest import write_jsonl_dataset
 
 CLASSES = ("0", "00", "1", "10", "2")
@@ -251,7 +251,9 @@ def test_model_card_snippet_runs_verbatim(tmp_path: Path) -> None:
 
 def test_export_run_raw_weights_and_explicit_out(tmp_path: Path) -> None:
     fake = make_run(tmp_path)
-    out = export_run(fake["run"], checkpoint="last", weights="raw", out=tmp_path / "bundle")
+    out = export_run(
+        fake["run"], ExportConfig(checkpoint="last", weights="raw"), out=tmp_path / "bundle"
+    )
     assert out == tmp_path / "bundle"
     x = real_batch(sorted((fake["data"] / "valid").glob("*.jpg")))
     assert np.abs(onnx_logits(out, x) - torch_logits(fake["raw"], x)).max() < 1e-4
@@ -266,13 +268,13 @@ def test_selected_is_raw_when_ema_is_off(tmp_path: Path) -> None:
     out = export_run(fake["run"])
     assert json.loads((out / "export.json").read_text())["weights"] == "raw"
     with pytest.raises(Exception, match="no EMA weights"):
-        export_run(fake["run"], weights="ema", out=tmp_path / "other")
+        export_run(fake["run"], ExportConfig(weights="ema"), out=tmp_path / "other")
 
 
 def test_verification_falls_back_to_the_test_split(tmp_path: Path) -> None:
     fake = make_run(tmp_path)
     shutil.rmtree(fake["data"] / "valid")
-    out = export_run(fake["run"], verify_images=3)
+    out = export_run(fake["run"], ExportConfig(verify_images=3))
     info = json.loads((out / "export.json").read_text())
     assert info["data"]["verify_split"] == "test"
     assert info["verification"]["n_images"] == 3
@@ -298,7 +300,7 @@ def test_data_root_override_finds_a_moved_dataset(tmp_path: Path) -> None:
 def test_verify_images_must_be_positive(tmp_path: Path) -> None:
     fake = make_run(tmp_path)
     with pytest.raises(ExportError, match="verification is part of the export"):
-        export_run(fake["run"], verify_images=0)
+        export_run(fake["run"], ExportConfig(verify_images=0))
 
 
 def test_failed_export_keeps_the_previous_bundle(
@@ -341,6 +343,21 @@ def test_cli_main_exports_and_prints_a_summary(
 def test_cli_main_fails_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert export_cli.main(["--run", str(tmp_path / "nope")]) == 1
     assert "export failed:" in capsys.readouterr().err
+
+
+def test_cli_options_are_the_export_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        export_cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("--run", "--out", "--data", "--checkpoint", "--weights", "--opset", "--atol"):
+        assert name in out
+    assert "--verify_images" in out and "--verify-images" in out
+    assert "Validation images compared between onnxruntime and PyTorch." in out  # its docstring
+    assert f"(default: {ExportConfig.opset})" in out
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main(["--run", "r", "--weights", "best"])
+    assert exit_info.value.code == 2
+    assert "selected" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,65 +1,63 @@
 """Export a run to a verified ONNX bundle: the ``python -m export`` command.
 
     python -m export --run runs/jersey [--checkpoint best|last|PATH] [--weights selected|ema|raw]
-        [--opset 17] [--out DIR] [--verify-images 32] [--atol 1e-4] [--data ROOT]
+        [--opset 17] [--out DIR] [--verify_images 32] [--atol 1e-4] [--data ROOT]
 
 Works on finished and interrupted runs alike (any checkpoint the ledger lists). The bundle is
 verified against PyTorch with onnxruntime on real validation images before it is moved into
 place; on failure nothing is written and the exit status is 1. ``src/export.py`` (run as
 ``python -m export``) and the ``classifier-export`` console script both call :func:`main`.
+
+The options besides ``--run``, ``--out`` and ``--data`` are the fields of
+:class:`~classifier_training.recipe.ExportConfig` (the recipe's ``export`` section, which the
+end-of-training export uses), parsed by simple-parsing: defaults and help live there only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import simple_parsing
+
+from classifier_training.recipe import ExportConfig, RecipeError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # export never needs pretrained weights
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> simple_parsing.ArgumentParser:
+    p = simple_parsing.ArgumentParser(
         prog="python -m export",
         description="Export a training run to model.onnx + labels_mapping.json, verified "
         "against PyTorch with onnxruntime on real validation images.",
+        add_option_string_dash_variants=simple_parsing.DashVariant.UNDERSCORE_AND_DASH,
     )
-    p.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint folder")
-    p.add_argument("--weights", default="selected", choices=["selected", "ema", "raw"])
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--out", default=None, help="bundle folder (default <run>/export)")
+    p.add_argument("--run", required=True, type=Path, help="run directory (runs/<name>)")
     p.add_argument(
-        "--verify-images", type=int, default=32, help="validation images compared (>= 1)"
+        "--out", type=Path, default=None, help="bundle folder; when omitted, <run>/export"
     )
-    p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| allowed")
-    p.add_argument("--data", default=None, help="dataset root, if it moved since training")
+    p.add_argument(
+        "--data", type=Path, default=None, help="dataset root; when omitted, the recipe's data.root"
+    )
+    p.add_arguments(ExportConfig, dest="export")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Export, verify and print a summary; 0 on success, 1 (message on stderr) on failure."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from classifier_training.checkpoint import CheckpointError
     from classifier_training.data.index import DataError
     from classifier_training.deploy.onnx_export import ExportError, export_run
     from classifier_training.model import PretrainedWeightsError
-    from classifier_training.recipe import RecipeError
 
     try:
-        out = export_run(
-            args.run,
-            checkpoint=args.checkpoint,
-            weights=args.weights,
-            opset=args.opset,
-            out=args.out,
-            verify_images=args.verify_images,
-            atol=args.atol,
-            data_root=args.data,
-        )
+        out = export_run(args.run, args.export, out=args.out, data_root=args.data)
     except (
         ExportError,
         CheckpointError,

@@ -57,7 +57,7 @@ from classifier_training.data.labels import read_labels_mapping, write_labels_ma
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
 from classifier_training.io import atomic_write_json, atomic_write_text
 from classifier_training.model import create_model
-from classifier_training.recipe import Recipe, load_recipe
+from classifier_training.recipe import ExportConfig, Recipe, load_recipe
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -218,7 +218,7 @@ def verify_onnx(
 
 
 def _verification_samples(
-    recipe: Recipe, class_to_idx: dict[str, int], data_root: str | None, n: int
+    recipe: Recipe, class_to_idx: dict[str, int], data_root: str | Path | None, n: int
 ) -> tuple[list[Sample], str, Path]:
     """The first ``n`` samples of the validation split (else the test split) of the run's data."""
     root = Path(data_root or recipe.data.root)
@@ -398,30 +398,31 @@ def _split_counts(run_dir: Path) -> dict[str, dict[str, int]]:
 
 def export_run(
     run_dir: str | Path,
-    checkpoint: str = "best",
-    weights: Weights = "selected",
-    opset: int = 17,
+    cfg: ExportConfig | None = None,
+    *,
     out: str | Path | None = None,
-    verify_images: int = 32,
-    atol: float = 1e-4,
-    data_root: str | None = None,
+    data_root: str | Path | None = None,
 ) -> Path:
     """Export a run's checkpoint to a verified ONNX bundle; returns the bundle folder.
 
-    ``checkpoint``: best, last, or a checkpoint folder. ``weights``: selected (the recipe's
-    ``ema.select``, raw when EMA is off), ema or raw. ``out`` defaults to ``run_dir/export``.
-    ``verify_images`` (>= 1) validation images are compared (test images if the validation split
-    is absent); ``data_root`` overrides the recipe's ``data.root`` for finding them.
+    ``cfg`` (default ``ExportConfig()``): ``checkpoint`` best, last, or a checkpoint folder;
+    ``weights`` selected (the recipe's ``ema.select``, raw when EMA is off), ema or raw; ``opset``;
+    ``verify_images`` (>= 1) validation images compared (test images if the validation split is
+    absent) with tolerance ``atol``. ``out`` defaults to ``run_dir/export``; ``data_root``
+    overrides the recipe's ``data.root`` for finding the images.
     Raises :class:`ExportError` / :class:`ExportVerificationError` / CheckpointError.
     """
     run_dir = Path(run_dir)
-    if verify_images < 1:
+    cfg = cfg if cfg is not None else ExportConfig()
+    if cfg.verify_images < 1:
         raise ExportError(
-            f"verify_images={verify_images}: verification is part of the export and needs at "
-            "least one image (default 32)"
+            f"verify_images={cfg.verify_images}: verification is part of the export and needs at "
+            f"least one image (default {ExportConfig.verify_images})"
         )
-    if atol <= 0:
-        raise ExportError(f"atol={atol}: the logit tolerance must be > 0 (default 1e-4)")
+    if cfg.atol <= 0:
+        raise ExportError(
+            f"atol={cfg.atol}: the logit tolerance must be > 0 (default {ExportConfig.atol:g})"
+        )
     recipe_path = run_dir / "recipe.yaml"
     labels_path = run_dir / LABELS_FILE
     for needed in (recipe_path, labels_path):
@@ -445,9 +446,9 @@ def export_run(
             f"data.image_size={image_size}; the run directory is inconsistent"
         )
 
-    ckpt = resolve_checkpoint(run_dir, checkpoint)
+    ckpt = resolve_checkpoint(run_dir, cfg.checkpoint)
     selected = _selected_weights(recipe, "selected")
-    chosen = _selected_weights(recipe, weights)
+    chosen = _selected_weights(recipe, cfg.weights)
     state_dict = load_weights(ckpt, chosen)
     model = create_model(recipe.model, num_classes, pretrained=False)
     try:
@@ -461,7 +462,7 @@ def export_run(
     state = TrainerState.from_file(ckpt / STATE_FILE) if (ckpt / STATE_FILE).is_file() else None
 
     samples, verify_split, root = _verification_samples(
-        recipe, class_to_idx, data_root, verify_images
+        recipe, class_to_idx, data_root, cfg.verify_images
     )
     norm = mapping["normalization"]
     x = to_nchw_float(_load_images(samples, image_size), norm["mean"], norm["std"])
@@ -485,8 +486,8 @@ def export_run(
             "output": f"{OUTPUT_NAME}: float32 [batch, {num_classes}] raw logits",
             "producer": f"classifier-training {classifier_training.__version__}",
         }
-        export_onnx(model, tmp / ONNX_FILE, image_size, opset, metadata)
-        report = verify_onnx(tmp / ONNX_FILE, model, x, atol)
+        export_onnx(model, tmp / ONNX_FILE, image_size, cfg.opset, metadata)
+        report = verify_onnx(tmp / ONNX_FILE, model, x, cfg.atol)
         write_labels_mapping(tmp / LABELS_FILE, mapping)
         save_model(
             model,
@@ -505,7 +506,7 @@ def export_run(
             "num_classes": num_classes,
             "image_size": image_size,
             "weights": chosen,
-            "opset": opset,
+            "opset": cfg.opset,
             "model_onnx_sha256": onnx_sha256,
             "checkpoint": {
                 "path": str(ckpt),

@@ -24,15 +24,7 @@ class ExportHook(Hook):
         if ctx.best_checkpoint is None and ctx.last_checkpoint is None:
             ctx.accelerator.print("export skipped: the run has no checkpoint yet")
             return
-        cfg = ctx.recipe.export
-        out = export_run(
-            ctx.run_dir,
-            checkpoint=cfg.checkpoint,
-            weights=cfg.weights,
-            opset=cfg.opset,
-            verify_images=cfg.verify_images,
-            atol=cfg.atol,
-        )
+        out = export_run(ctx.run_dir, ctx.recipe.export)
         info = json.loads((out / EXPORT_INFO_FILE).read_text(encoding="utf-8"))
         ver = info["verification"]
         ctx.accelerator.print(
