@@ -57,11 +57,14 @@ RUN groupadd --gid 10001 app \
 WORKDIR /app
 
 # Dependencies first, in their own layer: it is rebuilt only when requirements.lock changes, and
-# Cloud Build reuses it from the previous image (--cache-from).
+# Cloud Build reuses it from the previous image (--cache-from). The run-time lock only: test and
+# lint tools (requirements-dev.lock) stay out of the image.
 COPY requirements.lock ./
 RUN pip install -r requirements.lock
 
-# The project itself (no dependency resolution: the lock above is the environment).
+# The project itself (no dependency resolution: the lock above is the environment). This installs
+# the classifier_training package and the classifier-export/-predict/-evaluate console scripts;
+# src/train.py stays a script (the entrypoint below runs it by path).
 COPY . .
 RUN pip install --no-deps . \
     && rm -rf build src/*.egg-info \

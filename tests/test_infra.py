@@ -492,6 +492,120 @@ def test_semantic_release_config_and_changelog() -> None:
     assert changelog["insertion_flag"] in (ROOT / "CHANGELOG.md").read_text()
 
 
+# ---------------------------------------------------------------------------------------------
+# Packaging: what each extra installs, what each lock pins, what the wheel puts on sys.path
+
+DEV_TOOLS = {"pytest", "ruff", "mypy", "types-pyyaml"}
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def locked(name: str) -> set[str]:
+    """Canonical names of the packages a lock file pins."""
+    from packaging.utils import canonicalize_name
+
+    lines = (ROOT / name).read_text().splitlines()
+    pins = (ln.split("#")[0].strip() for ln in lines)
+    return {canonicalize_name(p.split("==")[0]) for p in pins if p}
+
+
+def closure(requirements: list[str]) -> set[str]:
+    """Canonical names of ``requirements`` and everything they require, read from the metadata
+    of the installed distributions (markers evaluated for this interpreter)."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [(Requirement(r), "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        env = {**default_environment(), "extra": extra}
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        name = canonicalize_name(req.name)
+        todo += [(req_, x) for x in req.extras for req_ in map(Requirement, _requires(name))]
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += [(Requirement(r), "") for r in _requires(name)]
+    return seen
+
+
+def _requires(name: str) -> list[str]:
+    try:
+        return importlib.metadata.distribution(name).requires or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail(f"{name} is required but not installed: the locks are incomplete")
+
+
+def test_runtime_lock_pins_exactly_what_the_trainer_needs() -> None:
+    project = pyproject()["project"]
+    needed = closure(project["dependencies"] + project["optional-dependencies"]["train"])
+    runtime = locked("requirements.lock")
+    assert needed - runtime == set(), "needed at run time but not pinned in requirements.lock"
+    assert runtime - needed == set(), "pinned in requirements.lock but nothing requires it"
+    assert not DEV_TOOLS & runtime, "test and lint tools belong in requirements-dev.lock"
+    dev = locked("requirements-dev.lock")
+    assert dev >= DEV_TOOLS
+    assert not dev & runtime, "a package is pinned in both locks"
+
+
+def test_infer_extra_installs_the_torch_free_predictor_without_torch() -> None:
+    project = pyproject()["project"]
+    infer = closure(project["dependencies"] + project["optional-dependencies"]["infer"])
+    assert not {"torch", "torchvision", "timm", "accelerate"} & infer
+    code = (  # the modules these imports load (not those the interpreter started with)
+        "import sys; before = set(sys.modules); import classifier_training.deploy.onnx_classifier, "
+        "classifier_training.deploy.predict, classifier_training.deploy.evaluate; "
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    from packaging.utils import canonicalize_name
+
+    owners = importlib.metadata.packages_distributions()
+    used = {canonicalize_name(d) for m in imported for d in owners.get(m, [])}
+    assert used - {"classifier-training"} <= infer, "the predictor imports what [infer] lacks"
+
+
+def test_console_scripts_point_into_the_package() -> None:
+    import importlib
+
+    config = pyproject()
+    assert "py-modules" not in config["tool"]["setuptools"], "no top-level train/export modules"
+    scripts = config["project"]["scripts"]
+    assert set(scripts) == {"classifier-export", "classifier-predict", "classifier-evaluate"}
+    for target in scripts.values():
+        module, _, func = target.partition(":")
+        assert module.startswith("classifier_training.")
+        assert callable(getattr(importlib.import_module(module), func))
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_the_package(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    result = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(source)],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("classifier_training-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.startswith("classifier_training-")} == {
+        "classifier_training"
+    }
+    assert "classifier_training/py.typed" in names
+
+
 def test_version_reads_the_installed_metadata() -> None:
     import classifier_training
 
