@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress reaches logs as it happens
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for chatty in ("accelerate", "timm"):  # per-file save/load notices drown the progress
+    # accelerate/timm: per-file save/load notices drown the progress; matplotlib: INFO notes
+    # such as matplotlib.category's "categorical units ... parsable as floats" on every plot.
+    for chatty in ("accelerate", "timm", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         recipe = parse_recipe(argv)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -367,17 +365,6 @@ def test_cli_help_is_the_config_docs(capsys: pytest.CaptureFixture[str]) -> None
     for name in ("--train_per_class", "--long_tail", "--labels", "--out", "--overwrite"):
         assert name in out
     assert "Train images per class (the largest class under ``long_tail``)." in out
-
-
-@pytest.mark.slow
-def test_python_dash_m_synthetic(tmp_path: Path) -> None:
-    out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "classifier_training.data.synthetic", "--out", str(out)]
-    cmd += ["--train_per_class", "1", "--valid_per_class", "1", "--test_per_class", "0"]
-    cmd += ["--image_size", "16", "--labels", "3", "33"]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert json.loads((out / "dataset.json").read_text())["labels"] == ["3", "33"]
 
 
 def test_ensure_synthetic_keeps_a_dataset_another_process_finished_first(
