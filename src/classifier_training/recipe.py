@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,6 +112,9 @@ class DataConfig:
     )
     """Per-class sampling weights by label name for sampler=manual (absent labels weigh 1);
     on the command line '8=0.5,00=3' or a JSON object."""
+    skip_bad_images: bool = False
+    """Train without the images that fail the full-decode check before epoch 1 (they are counted
+    and listed in dataset_stats.json) instead of stopping with the list."""
     generate_if_missing: bool = False
     """Render the synthetic jersey dataset into root when root does not exist."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -453,12 +457,22 @@ def _validate_mapping(
             _check_value(value, tp, where)
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
 def validate_yaml(path: str | Path) -> dict[str, Any]:
     """Load a recipe YAML and check every key and value against :class:`Recipe`.
 
-    Returns the parsed mapping. Raises RecipeError naming the file, line and dotted key.
+    Returns the parsed mapping. Raises RecipeError naming the file, line and dotted key. Only
+    ``.yaml``/``.yml`` files are read (simple-parsing would hand any other suffix, e.g.
+    ``.pkl``, to its pickle or JSON loader).
     """
     path = Path(path)
+    if path.suffix.lower() not in RECIPE_SUFFIXES:
+        raise RecipeError(
+            f"{path}: a recipe must be a YAML file ending in .yaml or .yml "
+            "(see recipes/ for examples)"
+        )
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found (see recipes/ for examples)")
     text = path.read_text(encoding="utf-8")
@@ -475,25 +489,136 @@ def validate_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _merge_sections(base: dict[str, Any], over: Mapping[str, Any], cls: type) -> None:
+    """Merge ``over`` into ``base`` section by section: a later file overrides single fields of
+    a section and keeps the others; a leaf value (a list or a mapping field too) is replaced."""
+    hints = typing.get_type_hints(cls)
+    for key, value in over.items():
+        tp = hints[key]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            _merge_sections(base.setdefault(key, {}), value, tp)
+        else:
+            base[key] = value
+
+
+def recipe_from_yaml(paths: Sequence[str | Path]) -> Recipe:
+    """The Recipe described by ``paths`` (later files win) over the dataclass defaults.
+
+    Each file is validated by :func:`validate_yaml` first (file:line errors); the merged mapping
+    is then decoded by simple-parsing's ``from_dict``, which converts each value to its field's
+    type (YAML's ``3e-4`` string to float, lists to tuples).
+    """
+    from simple_parsing.helpers.serialization.serializable import from_dict
+
+    merged: dict[str, Any] = {}
+    for path in paths:
+        _merge_sections(merged, validate_yaml(path), Recipe)
+    return from_dict(Recipe, merged)
+
+
+TRAIN_METRICS = ("loss", "acc_top1", "lr", "grad_norm", "img_per_s")
+"""Names of the per-epoch training metrics (``train/<name>``)."""
+EVAL_METRICS = ("loss", "acc_top1", "acc_top5", "f1_macro")
+"""Names of the evaluation metrics (``val/<name>``, ``val_raw/<name>``, ``val_ema/<name>``);
+``val/acc_class/<label>`` exists for every train class present in the validation split."""
+PER_CLASS_MONITOR = "val/acc_class/"
+
+
+def monitor_keys(recipe: Recipe) -> list[str]:
+    """Every metric ``train.monitor`` may name, known before any epoch runs (the per-class keys
+    ``val/acc_class/<label>`` need the class map and are checked with the dataset)."""
+    prefixes = ["val", "val_raw"] + (["val_ema"] if recipe.ema.enabled else [])
+    return [f"train/{m}" for m in TRAIN_METRICS] + [
+        f"{p}/{m}" for p in prefixes for m in EVAL_METRICS
+    ]
+
+
+def _monitor_problem(recipe: Recipe) -> str | None:
+    monitor = recipe.train.monitor
+    if monitor in monitor_keys(recipe):
+        return None
+    if monitor.startswith(PER_CLASS_MONITOR) and monitor != PER_CLASS_MONITOR:
+        return None
+    hint = ""
+    if monitor.startswith("val_ema/") and not recipe.ema.enabled:
+        hint = " (val_ema/* needs ema.enabled true)"
+    else:
+        close = difflib.get_close_matches(monitor, monitor_keys(recipe), n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return (
+        f"train.monitor: {monitor!r} is not a metric of this run{hint}; choose one of "
+        f"{', '.join(monitor_keys(recipe))}, or {PER_CLASS_MONITOR}<label>"
+    )
+
+
+def _arch_problem(arch: str) -> str | None:
+    """None if timm can build ``arch``: a registry name, optionally with a known pretrained tag,
+    or a source-prefixed id (``hf-hub:...``, ``local-dir:...``, resolved only at creation)."""
+    import timm
+    from timm.models import parse_model_name, split_model_name_tag
+
+    try:
+        source, _ = parse_model_name(arch)
+    except ValueError as err:
+        return f"model.arch: {err}"
+    if source is not None:
+        return None
+    name, tag = split_model_name_tag(arch)
+    if timm.is_model(name) and (not tag or arch in timm.list_pretrained()):
+        return None
+    known = timm.list_models() + timm.list_pretrained()
+    close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    if timm.is_model(name):
+        return f"model.arch: {arch!r}: timm has no pretrained tag {tag!r} for {name}{hint}"
+    return f"model.arch: {arch!r} is not a timm model{hint} (timm.list_models() lists them)"
+
+
 def check_recipe(recipe: Recipe) -> None:
-    """Semantic checks that types alone cannot express (run after CLI overrides)."""
+    """Semantic checks that types alone cannot express (run after CLI overrides, before anything
+    is written). The first problem starts the message, so it names the recipe field."""
     problems: list[str] = []
-    if recipe.data.image_size < 16:
-        problems.append("data.image_size must be >= 16")
-    if recipe.data.batch_size < 1:
-        problems.append("data.batch_size must be >= 1")
-    if recipe.data.num_workers < 0:
-        problems.append("data.num_workers must be >= 0")
-    if recipe.train.epochs < 1:
-        problems.append("train.epochs must be >= 1")
-    if recipe.train.grad_accum_steps < 1:
-        problems.append("train.grad_accum_steps must be >= 1")
-    if recipe.optim.lr <= 0:
-        problems.append("optim.lr must be > 0")
-    if not 0.0 <= recipe.loss.label_smoothing < 1.0:
-        problems.append("loss.label_smoothing must be in [0, 1)")
-    if recipe.data.sampler == "manual" and not recipe.data.sampler_weights:
+
+    def need(ok: bool, text: str, value: object) -> None:
+        if not ok:
+            problems.append(f"{text} (got {value!r})")
+
+    d, t, o = recipe.data, recipe.train, recipe.optim
+    need(d.image_size >= 16, "data.image_size must be >= 16", d.image_size)
+    need(d.batch_size >= 1, "data.batch_size must be >= 1", d.batch_size)
+    need(d.eval_batch_size >= 0, "data.eval_batch_size must be >= 0", d.eval_batch_size)
+    need(d.num_workers >= 0, "data.num_workers must be >= 0", d.num_workers)
+    need(t.epochs >= 1, "train.epochs must be >= 1", t.epochs)
+    need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", t.grad_accum_steps)
+    need(
+        t.checkpoint_every_updates >= 0,
+        "train.checkpoint_every_updates must be >= 0 (0: only at epoch ends)",
+        t.checkpoint_every_updates,
+    )
+    need(
+        t.max_batches_per_epoch >= 0,
+        "train.max_batches_per_epoch must be >= 0",
+        t.max_batches_per_epoch,
+    )
+    need(t.keep_top_k >= 0, "train.keep_top_k must be >= 0", t.keep_top_k)
+    need(
+        t.early_stop_patience >= 0, "train.early_stop_patience must be >= 0", t.early_stop_patience
+    )
+    need(o.lr > 0, "optim.lr must be > 0", o.lr)
+    need(o.weight_decay >= 0, "optim.weight_decay must be >= 0", o.weight_decay)
+    need(o.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 disables)", o.clip_grad_norm)
+    need(0.0 < recipe.ema.decay < 1.0, "ema.decay must be in (0, 1)", recipe.ema.decay)
+    need(
+        0.0 <= recipe.loss.label_smoothing < 1.0,
+        "loss.label_smoothing must be in [0, 1)",
+        recipe.loss.label_smoothing,
+    )
+    need(recipe.logging.log_every >= 1, "logging.log_every must be >= 1", recipe.logging.log_every)
+    if d.sampler == "manual" and not d.sampler_weights:
         problems.append("data.sampler=manual needs data.sampler_weights {label: weight}")
+    for problem in (_monitor_problem(recipe), _arch_problem(recipe.model.arch)):
+        if problem:
+            problems.append(problem)
     if problems:
         raise RecipeError("invalid recipe: " + "; ".join(problems))
 
@@ -501,61 +626,37 @@ def check_recipe(recipe: Recipe) -> None:
 def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     """Parse ``--recipe FILE.yaml [FILE2.yaml ...]`` plus dotted overrides into a Recipe.
 
-    Every YAML is validated first; ``--help`` lists every field with its docstring.
+    Two stages, as simple-parsing does for its own config-file flag: ``--recipe`` is read first,
+    its files are validated and decoded by :func:`recipe_from_yaml`, and that Recipe is handed to
+    simple-parsing as the default object the dotted flags override. :func:`check_recipe` then
+    refuses values no type can rule out. ``--help`` lists every field with its docstring.
+    Abbreviated flags are refused (``--rec`` is not ``--recipe``).
     """
     import simple_parsing
     from simple_parsing import ArgumentGenerationMode, NestedMode
 
-    args = list(argv) if argv is not None else None
-    for recipe_file in _recipe_files(args):
-        validate_yaml(recipe_file)
-    recipe: Recipe = simple_parsing.parse(
-        Recipe,
-        args=args,
-        add_config_path_arg="recipe",
+    recipe_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    recipe_flag.add_argument("--recipe", nargs="+", action="extend", default=[])
+    known, rest = recipe_flag.parse_known_args(argv)
+    default = recipe_from_yaml(known.recipe)
+
+    parser = simple_parsing.ArgumentParser(
         argument_generation_mode=ArgumentGenerationMode.NESTED,
         nested_mode=NestedMode.WITHOUT_ROOT,
+        allow_abbrev=False,
         description="Train an image classifier (timm + Accelerate). Flags override the recipe.",
     )
-    _normalise(recipe)
+    parser.add_argument(
+        "--recipe",
+        nargs="+",
+        metavar="FILE.yaml",
+        default=[],
+        help="Recipe file(s) (.yaml/.yml) over the defaults below; later files win.",
+    )
+    parser.add_arguments(Recipe, dest="config", default=default)
+    recipe: Recipe = parser.parse_args(rest).config
     check_recipe(recipe)
     return recipe
-
-
-def _recipe_files(argv: list[str] | None) -> list[str]:
-    import sys
-
-    tokens = list(sys.argv[1:] if argv is None else argv)
-    files: list[str] = []
-    for i, tok in enumerate(tokens):
-        if tok.startswith("--recipe="):
-            files.append(tok.split("=", 1)[1])
-        elif tok == "--recipe":
-            for nxt in tokens[i + 1 :]:
-                if nxt.startswith("-"):
-                    break
-                files.append(nxt)
-    return files
-
-
-def _normalise(recipe: Recipe) -> None:
-    """Coerce values simple-parsing leaves as strings (e.g. YAML ``3e-4``) to their field types."""
-
-    def walk(obj: Any) -> None:
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(value):
-                walk(value)
-            elif tp is float and isinstance(value, (str, int)) and not isinstance(value, bool):
-                setattr(obj, f.name, float(value))
-            elif typing.get_origin(tp) is tuple and isinstance(value, list):
-                setattr(obj, f.name, tuple(value))
-            elif tp == (float | None) and isinstance(value, (str, int)):
-                setattr(obj, f.name, float(value))
-
-    walk(recipe)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
