@@ -299,3 +299,15 @@ def test_train_loader_drops_a_one_image_last_batch(
     kept = build_loaders(c, index, jpeg_p=0.0, jpeg_quality=(5, 55), seed=0, num_processes=2)
     assert not kept.train.drop_last
     assert torch.equal(torch.tensor(len(kept.train)), torch.tensor(2))
+
+
+def test_process_pool_gives_the_in_process_facts(tmp_path: Path) -> None:
+    paths = []
+    for i in range(validate.POOL_MIN_FILES + 10):
+        path = tmp_path / f"{i:04d}.png"
+        Image.new("RGB", (8 + i % 5, 8), (i % 256, 0, 0)).save(path)
+        paths.append(path)
+    paths[3].write_bytes(b"broken")
+    pooled = check_images(paths, workers=2)
+    assert pooled == check_images(paths, workers=1)
+    assert pooled[paths[3]].error and not pooled[paths[4]].error

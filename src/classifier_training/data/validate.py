@@ -6,10 +6,13 @@
 1. decodes every distinct image file of every split **fully**, through the same
    :func:`~classifier_training.data.preprocess.open_rgb` the loader workers use, so a file that
    passes here decodes in training (a truncated JPEG passes a header check and used to fail
-   mid-epoch). The decode runs on a thread pool sized to the CPU cores (Pillow's decoders,
-   conversions and hashlib release the GIL; ``bench/bench_image_check.py`` compares it with a
-   process pool). Results are cached per file by resolved path, size and mtime (see
-   :func:`cache_file`), so a second run over the same files decodes nothing;
+   mid-epoch). Many files are decoded on a process pool sized to the CPU cores: for the small
+   crops this project trains on about a quarter of the per-file time is Python (Pillow's header
+   parsing, plumbing) that holds the GIL, which caps a thread pool at a few times one core
+   (``bench/bench_image_check.py`` measures all three ways). The pool forks, like the
+   DataLoader's workers, and the children only run PIL. Results are cached per file by resolved
+   path, size and mtime (see :func:`cache_file`), so a second run over the same files decodes
+   nothing;
 2. on failures: without ``data.skip_bad_images`` raises one :class:`DataError` whose lines list
    every bad row (``annotations.jsonl:LINE: ...`` or the ImageFolder file) and what to do; with it
    drops those rows, records them in ``SplitIndex.bad_images`` (``dataset_stats.json`` lists them)
@@ -29,10 +32,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 CHECK_VERSION = 1
 """Bump when :func:`decode_facts` or the decode rules of ``preprocess.to_rgb8`` change: cached
 facts from another version are ignored."""
+POOL_MIN_FILES = 256
+"""Fewer files than this are decoded in-process: starting workers would cost more."""
 CACHE_ENV = "CLASSIFIER_TRAINING_CACHE"
 """Environment variable naming the cache folder (default ``$XDG_CACHE_HOME`` or ``~/.cache``,
 then ``classifier-training``)."""
@@ -144,7 +150,8 @@ def check_images(
     """:func:`decode_facts` of every distinct path, reusing the facts cached in ``cache`` for
     files whose resolved path, size and mtime are unchanged, and saving new ones there.
 
-    ``workers`` threads decode (0: one per CPU core available to this process).
+    ``workers`` processes decode (0: one per CPU core available to this process; 1, or fewer
+    than :data:`POOL_MIN_FILES` files: in this process).
     """
     unique = list(dict.fromkeys(paths))
     cached = _load_cache(cache) if cache is not None else {}
@@ -159,9 +166,7 @@ def check_images(
         else:
             todo.append(p)
     if todo:
-        n = workers or len(os.sched_getaffinity(0))
-        with ThreadPoolExecutor(max_workers=max(1, min(n, len(todo)))) as pool:
-            facts.update(zip(todo, pool.map(decode_facts, todo), strict=True))
+        facts.update(zip(todo, _decode_all(todo, workers), strict=True))
         if cache is not None:  # the files of this check only, so the cache never outgrows it
             fresh = {
                 key[0]: [key[1], key[2], *dataclasses.astuple(facts[p])]
@@ -170,6 +175,15 @@ def check_images(
             }
             _save_cache(cache, fresh)
     return facts
+
+
+def _decode_all(paths: list[Path], workers: int) -> list[ImageFacts]:
+    n = workers or len(os.sched_getaffinity(0))
+    if n <= 1 or len(paths) < POOL_MIN_FILES:
+        return [decode_facts(p) for p in paths]
+    chunk = max(1, len(paths) // (n * 8))  # enough chunks to balance uneven file sizes
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(decode_facts, paths, chunksize=chunk))
 
 
 # ---------------------------------------------------------------------------------------------
