@@ -226,7 +226,8 @@ def test_skipped_and_fixed_inputs_are_counted_in_a_real_run(tmp_path: Path) -> N
     mapping = json.loads((run / "labels_mapping.json").read_text())
     assert mapping["class_to_idx"] == {"a": 0, "b": 1}
     # The monitor vocabulary known at parse time is what an epoch logs.
-    from classifier_training.recipe import Recipe, monitor_keys
+    from classifier_training.recipe import Recipe
+    from classifier_training.recipe_checks import monitor_keys
 
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     metric_keys = {k for k in logged if "/" in k and "/acc_class/" not in k}

@@ -263,7 +263,7 @@ def test_monitor_keys_are_the_evaluation_metric_names() -> None:
     import torch
 
     from classifier_training.metrics import classification_metrics
-    from classifier_training.recipe import EVAL_METRICS, monitor_keys
+    from classifier_training.recipe_checks import EVAL_METRICS, monitor_keys
 
     out = classification_metrics(torch.eye(3), torch.arange(3), ["a", "b", "c"], "val")
     produced = {k for k in out if "/acc_class/" not in k} | {"val/loss"}

@@ -45,7 +45,8 @@ import PIL
 
 from classifier_training.data.index import VAL, BadImage, DataError, DatasetIndex, SplitIndex
 from classifier_training.data.preprocess import open_image
-from classifier_training.recipe import PER_CLASS_MONITOR, DataConfig
+from classifier_training.recipe import DataConfig
+from classifier_training.recipe_checks import PER_CLASS_MONITOR
 
 log = logging.getLogger(__name__)
 
