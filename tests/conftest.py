@@ -113,6 +113,15 @@ def write_imagefolder_dataset(
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_check_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full-decode check caches per-file facts in a user cache folder: point it (and any
+    subprocess a test starts) at a session temp folder instead of the real one."""
+    folder = tmp_path_factory.mktemp("image-check-cache")
+    os.environ["CLASSIFIER_TRAINING_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def make_jsonl_dataset() -> Callable[..., Path]:
     """Factory: ``make_jsonl_dataset(root, classes=..., per_split=..., size=..., metadata=...)``."""

@@ -395,7 +395,7 @@ def test_torch_free_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
         "import classifier_training.data.index, classifier_training.data.labels\n"
-        "import classifier_training.data.preprocess\n"
+        "import classifier_training.data.preprocess, classifier_training.data.validate\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +26,6 @@ from classifier_training.hooks import HOOKS, build_hooks
 from classifier_training.hooks import history as history_module
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook, confusion_counts
-from classifier_training.hooks.dataset_stats import DatasetStatsHook, inspect_file
 from classifier_training.hooks.export import ExportHook
 from classifier_training.hooks.history import HistoryHook
 from classifier_training.hooks.model_info import ModelInfoHook, model_info
@@ -37,7 +35,7 @@ from classifier_training.hooks.sample_predictions import (
 )
 from classifier_training.hooks.sampler_distribution import SamplerDistributionHook
 from classifier_training.recipe import AugmentConfig, DataConfig, HooksConfig, Recipe, load_recipe
-from conftest import write_image, write_jsonl_dataset
+from conftest import write_jsonl_dataset
 from test_onnx_export import make_run
 
 SIZE = 32
@@ -184,66 +182,6 @@ def test_confusion_matrix_every_n_epochs_and_always_the_last(tmp_path: Path) -> 
     ctx.epoch, ctx.is_last_epoch = 2, True
     hook.on_epoch_end(ctx)
     assert (tmp_path / "epochs" / "003" / "confusion_matrix.png").is_file()
-
-
-# ---------------------------------------------------------------------------------------------
-# Dataset statistics
-
-
-def test_dataset_stats_report(tmp_path: Path) -> None:
-    per_split: dict[str, Any] = {
-        "train": {"0": 6, "00": 2, "1": 3, "10": 3, "2": 1},
-        "valid": {"0": 2, "00": 2, "1": 2, "10": 2},
-        "test": 1,
-    }
-    root = tmp_path / "data"
-    for split, width in (("train", 40), ("valid", 44), ("test", 48)):
-        # Different sizes per split: the fixture's images would otherwise repeat across splits.
-        write_jsonl_dataset(
-            root, CLASSES, {split: per_split[split]}, size=(width, 32), metadata=True
-        )
-    # A train image copied byte for byte into valid (a leak), an unknown label, a tiny image.
-    shutil.copy(root / "train" / "c00_000.jpg", root / "valid" / "leak.jpg")
-    write_image(root / "test" / "tiny.jpg", (10, 200, 10), size=(8, 8))
-    with (root / "valid" / "annotations.jsonl").open("a") as fh:
-        fh.write(json.dumps({"image": "leak.jpg", "suffix": "0"}) + "\n")
-        fh.write(json.dumps({"image": "c00_001.jpg", "suffix": "99"}) + "\n")
-    with (root / "test" / "annotations.jsonl").open("a") as fh:
-        fh.write(json.dumps({"image": "tiny.jpg", "suffix": "1"}) + "\n")
-    index = index_dataset(root)
-    ctx = make_ctx(tmp_path / "run", index=index)
-    DatasetStatsHook().on_fit_start(ctx)
-
-    stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
-    assert stats["class_counts"]["train"] == per_split["train"]
-    assert stats["class_counts"]["valid"]["0"] == 3
-    assert stats["totals"] == {"train": 15, "valid": 9, "test": 6}
-    assert stats["imbalance_ratio"] == pytest.approx(6.0)
-    assert (stats["largest_class"], stats["smallest_class"]) == ("0", "2")
-    assert stats["missing_classes"]["valid"] == ["2"]
-    assert stats["skipped_unknown_label_rows"] == {"train": 0, "valid": 1, "test": 0}
-    dup = stats["duplicates"]
-    assert dup["cross_split_groups"] == 1 and dup["label_conflict_groups"] == 0
-    assert {f["split"] for f in dup["cross_split_examples"][0]["files"]} == {"train", "valid"}
-    assert stats["tiny_count"] == 1 and stats["tiny"][0]["path"].endswith("tiny.jpg")
-    assert stats["unreadable_count"] == 0
-    assert stats["image_sizes"]["width"]["max"] == 48
-    colours = stats["metadata"]["train"]["jersey_color"]
-    assert sum(colours.values()) == 15 and colours["white"] == 6
-    assert_png(tmp_path / "run" / "dataset_class_counts.png")
-    assert_png(tmp_path / "run" / "dataset_image_sizes.png")
-    text = "\n".join(ctx.accelerator.printed)
-    assert (
-        "smallest class): 6.0x ('0' / '2')" in text and "valid: no images of 1 class(es): 2" in text
-    )
-
-
-def test_inspect_file_reports_unreadable(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    facts = inspect_file(bad)
-    assert facts.error and facts.sha1
-    assert inspect_file(tmp_path / "missing.jpg").error.startswith("cannot read")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,3 +210,96 @@ def test_sampler_weights_from_cli_and_yaml(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and "expected LABEL=WEIGHT" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10: values refused when the recipe is parsed; issue 11: YAML as simple-parsing's default
+
+
+def test_recipe_file_must_be_yaml_and_is_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    payload = tmp_path / "r.pkl"
+    payload.write_bytes(
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    )  # a pickle that runs a shell command when loaded
+    for name in ("r.pkl", "r.json", "r.yaml.bak"):
+        with pytest.raises(RecipeError, match=rf"{name}: a recipe must be a YAML file"):
+            parse_recipe(["--recipe", str(tmp_path / name)])
+    assert not marker.exists()
+    assert load_recipe(write(tmp_path, "name: short\n", "r.yml")).name == "short"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train.monitor", "val/acc_top"], r"train\.monitor: 'val/acc_top' is not a metric .*"
+         r"did you mean val/acc_top5 or val/acc_top1"),
+        (["--train.monitor", "val_ema/loss", "--ema.enabled", "false"],
+         r"train\.monitor: 'val_ema/loss' .*\(val_ema/\* needs ema\.enabled true\)"),
+        (["--model.arch", "resnt18"], r"model\.arch: 'resnt18' is not a timm model; close names: "
+         r"resnet18,"),
+        (["--model.arch", "resnet18.tv_in"], r"model\.arch: 'resnet18\.tv_in': timm has no "
+         r"pretrained tag 'tv_in' for resnet18; close names: resnet18\.tv_in1k"),
+        (["--ema.decay", "1"], r"ema\.decay must be in \(0, 1\) \(got 1\.0\)"),
+        (["--ema.decay", "0"], r"ema\.decay must be in \(0, 1\)"),
+        (["--ema.decay", "-0.5"], r"ema\.decay must be in \(0, 1\)"),
+        (["--train.checkpoint_every_updates", "-1"], r"train\.checkpoint_every_updates must be "
+         r">= 0"),
+    ],
+)  # fmt: skip
+def test_parse_time_refusals_name_the_field(flags: list[str], message: str) -> None:
+    with pytest.raises(RecipeError, match=rf"^invalid recipe: {message}"):
+        parse_recipe(flags)
+
+
+def test_valid_monitors_and_archs_pass() -> None:
+    for monitor in ("val/f1_macro", "train/loss", "val_raw/acc_top5", "val/acc_class/23"):
+        assert parse_recipe(["--train.monitor", monitor]).train.monitor == monitor
+    for arch in ("test_resnet", "resnet50.tv2_in1k", "hf-hub:timm/resnet18.a1_in1k"):
+        assert parse_recipe(["--model.arch", arch]).model.arch == arch
+
+
+def test_monitor_keys_are_the_evaluation_metric_names() -> None:
+    import torch
+
+    from classifier_training.metrics import classification_metrics
+    from classifier_training.recipe_checks import EVAL_METRICS, monitor_keys
+
+    out = classification_metrics(torch.eye(3), torch.arange(3), ["a", "b", "c"], "val")
+    produced = {k for k in out if "/acc_class/" not in k} | {"val/loss"}
+    assert produced == {f"val/{m}" for m in EVAL_METRICS}
+    keys = monitor_keys(Recipe())
+    assert produced <= set(keys) and "val_ema/acc_top1" in keys and "train/loss" in keys
+
+
+def test_yaml_values_reach_their_field_types(tmp_path: Path) -> None:
+    """YAML's 3e-4 (a string to PyYAML) and lists become float and tuple through simple-parsing's
+    decoding of the default object, with no conversion after parsing."""
+    path = write(
+        tmp_path,
+        "optim:\n  lr: 3e-4\n  betas: [0.8, 0.95]\naugment:\n  hflip_p: 5e-1\n"
+        "ema:\n  decay: 0.99\nschedule:\n  warmup_epochs: 2\n",
+    )
+    recipe = load_recipe(path)
+    assert recipe.optim.lr == 3e-4 and type(recipe.optim.lr) is float
+    assert recipe.optim.betas == (0.8, 0.95) and recipe.augment.hflip_p == 0.5
+    assert type(recipe.schedule.warmup_epochs) is float and recipe.ema.decay == 0.99
+
+
+def test_later_recipe_files_override_single_fields(tmp_path: Path) -> None:
+    base = write(tmp_path, "name: base\noptim:\n  lr: 0.1\n  weight_decay: 0.5\n", "a.yaml")
+    over = write(tmp_path, "optim:\n  lr: 0.2\nlogging:\n  tags: [x]\n", "b.yaml")
+    recipe = parse_recipe(["--recipe", str(base), str(over), "--logging.tags", "y", "z"])
+    assert recipe.name == "base" and recipe.optim.lr == 0.2 and recipe.optim.weight_decay == 0.5
+    assert recipe.logging.tags == ["y", "z"]
+    again = parse_recipe([f"--recipe={over}", "--recipe", str(base)])
+    assert again.optim.lr == 0.1
+
+
+def test_abbreviated_flags_are_refused() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", "from classifier_training.recipe import parse_recipe; "
+         "parse_recipe(['--rec', 'recipes/quickstart.yaml'])"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "unrecognized arguments: --rec" in proc.stderr

@@ -6,7 +6,9 @@ Precedence is ``dataclass defaults < YAML file(s) < command line``::
 
 The YAML is validated by :func:`validate_yaml` *before* simple-parsing sees it, so an unknown key,
 a value of the wrong type or an invalid choice fails with the file, the line and the dotted key
-(simple-parsing alone answers a bad choice with a bare ``KeyError``). Variants (model, dataset,
+(simple-parsing alone answers a bad choice with a bare ``KeyError``); the validated files then
+become the default object simple-parsing parses the flags over (:func:`recipe_from_yaml`), and
+:func:`check_recipe` refuses values no type rules out. Variants (model, dataset,
 augmentation preset) are plain fields, never simple-parsing subgroups (upstream #331/#358/#287),
 and no field is an ``Optional[dataclass]``.
 """
@@ -18,7 +20,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,7 @@ import yaml
 from simple_parsing import field as simple_field
 
 from classifier_training.io import atomic_write_text
+from classifier_training.recipe_checks import recipe_problems
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -113,6 +116,9 @@ class DataConfig:
     )
     """Per-class sampling weights by label name for sampler=manual (absent labels weigh 1);
     on the command line '8=0.5,00=3' or a JSON object."""
+    skip_bad_images: bool = False
+    """Train without the images that fail the full-decode check before epoch 1 (they are counted
+    and listed in dataset_stats.json) instead of stopping with the list."""
     generate_if_missing: bool = False
     """Render the synthetic jersey dataset into root when root does not exist."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -455,12 +461,22 @@ def _validate_mapping(
             _check_value(value, tp, where)
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
 def validate_yaml(path: str | Path) -> dict[str, Any]:
     """Load a recipe YAML and check every key and value against :class:`Recipe`.
 
-    Returns the parsed mapping. Raises RecipeError naming the file, line and dotted key.
+    Returns the parsed mapping. Raises RecipeError naming the file, line and dotted key. Only
+    ``.yaml``/``.yml`` files are read (simple-parsing would hand any other suffix, e.g.
+    ``.pkl``, to its pickle or JSON loader).
     """
     path = Path(path)
+    if path.suffix.lower() not in RECIPE_SUFFIXES:
+        raise RecipeError(
+            f"{path}: a recipe must be a YAML file ending in .yaml or .yml "
+            "(see recipes/ for examples)"
+        )
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found (see recipes/ for examples)")
     text = path.read_text(encoding="utf-8")
@@ -477,25 +493,38 @@ def validate_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _merge_sections(base: dict[str, Any], over: Mapping[str, Any], cls: type) -> None:
+    """Merge ``over`` into ``base`` section by section: a later file overrides single fields of
+    a section and keeps the others; a leaf value (a list or a mapping field too) is replaced."""
+    hints = typing.get_type_hints(cls)
+    for key, value in over.items():
+        tp = hints[key]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            _merge_sections(base.setdefault(key, {}), value, tp)
+        else:
+            base[key] = value
+
+
+def recipe_from_yaml(paths: Sequence[str | Path]) -> Recipe:
+    """The Recipe described by ``paths`` (later files win) over the dataclass defaults.
+
+    Each file is validated by :func:`validate_yaml` first (file:line errors); the merged mapping
+    is then decoded by simple-parsing's ``from_dict``, which converts each value to its field's
+    type (YAML's ``3e-4`` string to float, lists to tuples).
+    """
+    from simple_parsing.helpers.serialization.serializable import from_dict
+
+    merged: dict[str, Any] = {}
+    for path in paths:
+        _merge_sections(merged, validate_yaml(path), Recipe)
+    return from_dict(Recipe, merged)
+
+
 def check_recipe(recipe: Recipe) -> None:
-    """Semantic checks that types alone cannot express (run after CLI overrides)."""
-    problems: list[str] = []
-    if recipe.data.image_size < 16:
-        problems.append("data.image_size must be >= 16")
-    if recipe.data.batch_size < 1:
-        problems.append("data.batch_size must be >= 1")
-    if recipe.data.num_workers < 0:
-        problems.append("data.num_workers must be >= 0")
-    if recipe.train.epochs < 1:
-        problems.append("train.epochs must be >= 1")
-    if recipe.train.grad_accum_steps < 1:
-        problems.append("train.grad_accum_steps must be >= 1")
-    if recipe.optim.lr <= 0:
-        problems.append("optim.lr must be > 0")
-    if not 0.0 <= recipe.loss.label_smoothing < 1.0:
-        problems.append("loss.label_smoothing must be in [0, 1)")
-    if recipe.data.sampler == "manual" and not recipe.data.sampler_weights:
-        problems.append("data.sampler=manual needs data.sampler_weights {label: weight}")
+    """Semantic checks that types alone cannot express (run after CLI overrides, before anything
+    is written; :func:`~classifier_training.recipe_checks.recipe_problems`). The first problem
+    starts the message, so it names the recipe field."""
+    problems = recipe_problems(recipe)
     if problems:
         raise RecipeError("invalid recipe: " + "; ".join(problems))
 
@@ -503,61 +532,37 @@ def check_recipe(recipe: Recipe) -> None:
 def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     """Parse ``--recipe FILE.yaml [FILE2.yaml ...]`` plus dotted overrides into a Recipe.
 
-    Every YAML is validated first; ``--help`` lists every field with its docstring.
+    Two stages, as simple-parsing does for its own config-file flag: ``--recipe`` is read first,
+    its files are validated and decoded by :func:`recipe_from_yaml`, and that Recipe is handed to
+    simple-parsing as the default object the dotted flags override. :func:`check_recipe` then
+    refuses values no type can rule out. ``--help`` lists every field with its docstring.
+    Abbreviated flags are refused (``--rec`` is not ``--recipe``).
     """
     import simple_parsing
     from simple_parsing import ArgumentGenerationMode, NestedMode
 
-    args = list(argv) if argv is not None else None
-    for recipe_file in _recipe_files(args):
-        validate_yaml(recipe_file)
-    recipe: Recipe = simple_parsing.parse(
-        Recipe,
-        args=args,
-        add_config_path_arg="recipe",
+    recipe_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    recipe_flag.add_argument("--recipe", nargs="+", action="extend", default=[])
+    known, rest = recipe_flag.parse_known_args(argv)
+    default = recipe_from_yaml(known.recipe)
+
+    parser = simple_parsing.ArgumentParser(
         argument_generation_mode=ArgumentGenerationMode.NESTED,
         nested_mode=NestedMode.WITHOUT_ROOT,
+        allow_abbrev=False,
         description="Train an image classifier (timm + Accelerate). Flags override the recipe.",
     )
-    _normalise(recipe)
+    parser.add_argument(
+        "--recipe",
+        nargs="+",
+        metavar="FILE.yaml",
+        default=[],
+        help="Recipe file(s) (.yaml/.yml) over the defaults below; later files win.",
+    )
+    parser.add_arguments(Recipe, dest="config", default=default)
+    recipe: Recipe = parser.parse_args(rest).config
     check_recipe(recipe)
     return recipe
-
-
-def _recipe_files(argv: list[str] | None) -> list[str]:
-    import sys
-
-    tokens = list(sys.argv[1:] if argv is None else argv)
-    files: list[str] = []
-    for i, tok in enumerate(tokens):
-        if tok.startswith("--recipe="):
-            files.append(tok.split("=", 1)[1])
-        elif tok == "--recipe":
-            for nxt in tokens[i + 1 :]:
-                if nxt.startswith("-"):
-                    break
-                files.append(nxt)
-    return files
-
-
-def _normalise(recipe: Recipe) -> None:
-    """Coerce values simple-parsing leaves as strings (e.g. YAML ``3e-4``) to their field types."""
-
-    def walk(obj: Any) -> None:
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(value):
-                walk(value)
-            elif tp is float and isinstance(value, (str, int)) and not isinstance(value, bool):
-                setattr(obj, f.name, float(value))
-            elif typing.get_origin(tp) is tuple and isinstance(value, list):
-                setattr(obj, f.name, tuple(value))
-            elif tp == (float | None) and isinstance(value, (str, int)):
-                setattr(obj, f.name, float(value))
-
-    walk(recipe)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -34,6 +34,21 @@ from classifier_training.data.preprocess import (
 Item = dict[str, torch.Tensor]
 
 
+def drop_single_sample_batch(num_samples: int, batch_size: int, num_processes: int) -> bool:
+    """Whether the train loader must drop its last batch because it would hold one sample.
+
+    BatchNorm in train mode needs more than one value per channel: a batch of one fails outright
+    where the last feature map is 1x1 (small inputs) and gives meaningless batch statistics
+    otherwise. With one process the last batch holds ``num_samples % batch_size`` samples, so
+    when that is 1, ``drop_last`` leaves out exactly that sample (a different one each shuffled
+    epoch). With several processes Accelerate's default ``even_batches`` completes the final
+    batch of every process to ``batch_size`` with samples from the start of the epoch, so no
+    process sees a short batch and nothing is dropped (``drop_last`` there would make Accelerate
+    drop whole batches to keep the processes even).
+    """
+    return num_processes == 1 and batch_size > 1 and num_samples % batch_size == 1
+
+
 class ImageDataset(Dataset[Item]):
     """``__getitem__(i)`` → ``{"image": uint8 [3,S,S], "target": int64 [], "index": int64 []}``."""
 

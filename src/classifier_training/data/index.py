@@ -3,13 +3,23 @@
 Two layouts are read, from ``root/<split>`` folders (``train``, ``valid``, ``test`` by default):
 
 * **JSONL** (Roboflow OCR/VQA export): every ``*.jsonl`` file (case-insensitive) found recursively
-  under a split, in sorted path order; each non-blank line is a JSON object
+  under a split, hidden ones excepted, in sorted path order; each non-blank line is a JSON object
   ``{"image": <path relative to that file's folder>, "suffix": <label>, "prefix": ..., "metadata":
   {...}}``. ``prefix`` is ignored, ``metadata`` (an object) is kept. One row is one sample, so an
   image listed twice is two samples.
 * **ImageFolder**: ``<split>/<class>/**/*.{jpg,jpeg,png,bmp,webp}`` (extensions case-insensitive,
-  searched recursively like torchvision's ``ImageFolder``); folders whose name starts with ``.``
-  (e.g. a ``.cache`` folder) are not classes.
+  searched recursively like torchvision's ``ImageFolder``).
+
+Hidden entries are not data: a file or folder whose name starts with ``.`` anywhere below a split
+(macOS ``._name.jpg`` AppleDouble files and ``.DS_Store``, a ``.cache`` folder, a
+``._annotations.jsonl``) is never a class, an image or an annotation file. Hidden ImageFolder
+images are counted (``SplitIndex.skipped_hidden``). An annotation row may still name a hidden file
+explicitly.
+
+Labels (``suffix`` or the class folder name) are stripped of surrounding whitespace, so
+``" 8 "`` is class ``"8"`` rather than a class of its own: annotation tools add such spaces, and
+no label means something different with them. Each split counts its stripped labels
+(``SplitIndex.stripped_labels``, one warning per split). Inner whitespace is kept.
 
 The class map comes from the train split only: ``class_to_idx = {label: i}`` over the labels sorted
 as plain strings (``"0" < "00" < "1" < "10" < "2"``), indices ``0..N-1``. ``""`` is never a class.
@@ -22,15 +32,17 @@ Errors (:class:`DataError`, raised before training starts, naming the file and l
   not a non-empty string; ``suffix`` is not a string; ``metadata`` is present but not an object;
 * an image path is absolute or resolves (symlinks followed) outside its split folder: annotation
   files are untrusted input, so this is checked for every row, skipped or not;
-* a kept row's image file is missing, or PIL cannot identify it (header read only, so the check
-  costs well under a millisecond per image; a file that is truncated further in fails later, at
-  decode time, with a :class:`DataError` naming the same ``file:line``);
+* with ``check_images=True`` (the default): a kept row's image file is missing, or PIL cannot
+  identify it (header read only, well under a millisecond per image). Training passes ``False``
+  and runs the full-decode check of :mod:`classifier_training.data.validate` instead, which also
+  finds files truncated after the header and can skip bad images;
 * the train split has no rows or no classes; a val/test split ends up with no usable sample;
 * ImageFolder: the train split has no class folder, or a train class folder holds no image.
 
 Counted skips (one ``logging`` warning per split with the counts; the rows are not samples):
 
-* train rows whose ``suffix`` is ``""`` (the reference dataset has such duplicate rows);
+* train rows whose ``suffix`` is ``""`` (after stripping; the reference dataset has such duplicate
+  rows);
 * val/test rows whose label is not a train class (including ``""``); for ImageFolder, val/test
   class folders that are not train classes (their images are counted).
 """
@@ -77,6 +89,14 @@ class Sample:
     metadata: dict[str, Any] | None = field(default=None, hash=False)
 
 
+@dataclass(frozen=True)
+class BadImage:
+    """A row left out because its image failed the full-decode check (``data.skip_bad_images``)."""
+
+    sample: Sample
+    error: str
+
+
 @dataclass
 class SplitIndex:
     """The usable samples of one split folder and how many rows were skipped."""
@@ -87,6 +107,12 @@ class SplitIndex:
     samples: list[Sample]
     skipped_unknown: int = 0
     """Rows (or ImageFolder images) skipped: empty label in train, non-train label in val/test."""
+    stripped_labels: int = 0
+    """Rows (or ImageFolder images) whose label had surrounding whitespace removed."""
+    skipped_hidden: int = 0
+    """ImageFolder image files skipped because a part of their path starts with ``.``."""
+    bad_images: list[BadImage] = field(default_factory=list)
+    """Rows dropped because their image does not decode (only with ``data.skip_bad_images``)."""
 
     @property
     def targets(self) -> list[int]:
@@ -135,16 +161,34 @@ class DatasetIndex:
 # Format detection
 
 
+def is_hidden(path: Path, below: Path) -> bool:
+    """True if a part of ``path`` under the folder ``below`` starts with ``.``."""
+    return any(part.startswith(".") for part in path.relative_to(below).parts)
+
+
 def _jsonl_files(folder: Path) -> Iterator[Path]:
-    return (p for p in folder.rglob("*") if p.suffix.lower() == ".jsonl" and p.is_file())
+    return (
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() == ".jsonl" and not is_hidden(p, folder) and p.is_file()
+    )
+
+
+def _image_files(folder: Path) -> tuple[list[Path], int]:
+    """Sorted image files under ``folder`` (recursive), and how many hidden ones were left out."""
+    files, hidden = [], 0
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            if is_hidden(p, folder):
+                hidden += 1
+            else:
+                files.append(p)
+    return sorted(files), hidden
 
 
 def _has_class_folder(folder: Path) -> bool:
     return any(
-        d.is_dir()
-        and not d.name.startswith(".")
-        and any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in d.rglob("*"))
-        for d in folder.iterdir()
+        d.is_dir() and not d.name.startswith(".") and _image_files(d)[0] for d in folder.iterdir()
     )
 
 
@@ -174,8 +218,16 @@ def detect_format(root: str | Path, train: str = "train") -> DatasetFormat:
 class _Row:
     path: Path
     label: str
+    """Surrounding whitespace stripped."""
     source: str
     metadata: dict[str, Any] | None
+    stripped: bool = False
+    """The annotated label had surrounding whitespace."""
+
+
+def _row(path: Path, raw_label: str, source: str, metadata: dict[str, Any] | None) -> _Row:
+    label = raw_label.strip()
+    return _Row(path, label, source, metadata, stripped=label != raw_label)
 
 
 def _resolve_inside(split_real: str, base: Path, rel: str, where: str) -> Path:
@@ -272,7 +324,7 @@ def _parse_jsonl_line(raw: bytes, where: str) -> dict[str, Any] | None:
     return obj
 
 
-def _read_jsonl_split(split_dir: Path) -> list[_Row]:
+def _read_jsonl_split(split_dir: Path) -> tuple[list[_Row], int]:
     files = sorted(_jsonl_files(split_dir))
     if not files:
         raise DataError(
@@ -289,8 +341,8 @@ def _read_jsonl_split(split_dir: Path) -> list[_Row]:
                 if obj is None:
                     continue
                 path = _resolve_inside(split_real, file.parent, obj["image"], where)
-                rows.append(_Row(path, obj["suffix"], where, obj.get("metadata")))
-    return rows
+                rows.append(_row(path, obj["suffix"], where, obj.get("metadata")))
+    return rows, 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +354,8 @@ def _class_folders(split_dir: Path) -> list[Path]:
     return sorted(folders, key=lambda d: d.name)
 
 
-def _read_imagefolder_split(split_dir: Path, is_train: bool) -> list[_Row]:
+def _read_imagefolder_split(split_dir: Path, is_train: bool) -> tuple[list[_Row], int]:
+    """The rows of an ImageFolder split and the number of hidden image files left out."""
     folders = _class_folders(split_dir)
     if is_train and not folders:
         raise DataError(
@@ -311,18 +364,18 @@ def _read_imagefolder_split(split_dir: Path, is_train: bool) -> list[_Row]:
         )
     split_real = os.path.realpath(split_dir)
     rows: list[_Row] = []
+    hidden = 0
     for folder in folders:
-        files = sorted(
-            p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
+        files, n_hidden = _image_files(folder)
+        hidden += n_hidden
         if is_train and not files:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"{folder}: empty class folder in the train split (no {exts} files)")
         for f in files:
             rel = str(f.relative_to(split_dir))
             path = _resolve_inside(split_real, split_dir, rel, str(f))
-            rows.append(_Row(path, folder.name, str(f), None))
-    return rows
+            rows.append(_row(path, folder.name, str(f), None))
+    return rows, hidden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,24 +388,10 @@ def _skip_summary(labels: Counter[str]) -> str:
     return ", ".join(parts) + (f", ... ({more} more labels)" if more > 0 else "")
 
 
-def _build_split(
-    name: str,
-    split_dir: Path,
-    rows: list[_Row],
-    class_to_idx: dict[str, int],
-    is_train: bool,
-) -> SplitIndex:
-    kept: list[_Row] = []
-    samples: list[Sample] = []
-    skipped: Counter[str] = Counter()
-    for row in rows:
-        target = class_to_idx.get(row.label)
-        if target is None:
-            skipped[row.label] += 1
-            continue
-        kept.append(row)
-        samples.append(Sample(row.path, row.label, target, row.source, row.metadata))
-    _check_images(kept)
+def _warn_skips(
+    name: str, split_dir: Path, rows: list[_Row], skipped: Counter[str], hidden: int, is_train: bool
+) -> None:
+    """One warning per kind of counted skip or fix in a split."""
     n_skipped = sum(skipped.values())
     if n_skipped:
         what = 'an empty label ""' if is_train else "a label that is not a train class"
@@ -364,10 +403,65 @@ def _build_split(
             split_dir,
             _skip_summary(skipped),
         )
+    stripped = Counter(r.label for r in rows if r.stripped)
+    if stripped:
+        log.warning(
+            "%s: stripped surrounding whitespace from %d label(s) under %s (now: %s)",
+            name,
+            sum(stripped.values()),
+            split_dir,
+            _skip_summary(stripped),
+        )
+    if hidden:
+        log.warning(
+            "%s: skipped %d hidden image file(s) under %s (a name starting with '.', e.g. "
+            "macOS ._* files)",
+            name,
+            hidden,
+            split_dir,
+        )
+
+
+def _build_split(
+    name: str,
+    split_dir: Path,
+    rows: list[_Row],
+    class_to_idx: dict[str, int],
+    is_train: bool,
+    *,
+    hidden: int = 0,
+    check_images: bool = True,
+) -> SplitIndex:
+    kept: list[_Row] = []
+    samples: list[Sample] = []
+    skipped: Counter[str] = Counter()
+    for row in rows:
+        target = class_to_idx.get(row.label)
+        if target is None:
+            skipped[row.label] += 1
+            continue
+        kept.append(row)
+        samples.append(Sample(row.path, row.label, target, row.source, row.metadata))
+    if check_images:
+        _check_images(kept)
+    _warn_skips(name, split_dir, rows, skipped, hidden, is_train)
     if not samples:
         hint = "" if is_train else " (set its split name to '' to skip this split)"
         raise DataError(f"{split_dir}: split '{name}' has no usable sample{hint}")
-    return SplitIndex(name=name, root=split_dir, samples=samples, skipped_unknown=n_skipped)
+    return SplitIndex(
+        name=name,
+        root=split_dir,
+        samples=samples,
+        skipped_unknown=sum(skipped.values()),
+        stripped_labels=sum(1 for r in rows if r.stripped),
+        skipped_hidden=hidden,
+    )
+
+
+def _read_split(fmt: DatasetFormat, split_dir: Path, is_train: bool) -> tuple[list[_Row], int]:
+    if fmt == "jsonl":
+        return _read_jsonl_split(split_dir)
+    return _read_imagefolder_split(split_dir, is_train=is_train)
 
 
 def _resolve_format(format: str, root: Path, split: str) -> DatasetFormat:
@@ -385,11 +479,13 @@ def index_dataset(
     train: str = "train",
     val: str = "valid",
     test: str = "test",
+    *,
+    check_images: bool = True,
 ) -> DatasetIndex:
     """Index ``root/{train,val,test}`` and build the class map from the train split.
 
     ``val``/``test`` set to ``""`` skip that split. See the module docstring for which inputs are
-    errors and which are counted skips.
+    errors and which are counted skips; ``check_images=False`` leaves the image files unread.
     """
     root = Path(root)
     if not root.is_dir():
@@ -409,21 +505,35 @@ def index_dataset(
             raise DataError(f"{root}: {role} split folder {name!r} not found{hint}")
         dirs[role] = d
 
-    def read(role: str) -> list[_Row]:
-        if fmt == "jsonl":
-            return _read_jsonl_split(dirs[role])
-        return _read_imagefolder_split(dirs[role], is_train=role == TRAIN)
-
-    train_rows = read(TRAIN)
+    train_rows, hidden = _read_split(fmt, dirs[TRAIN], is_train=True)
     labels = sorted({r.label for r in train_rows if r.label != ""})
     if not labels:
         raise DataError(f"{dirs[TRAIN]}: the train split has no labelled rows (no classes)")
     class_to_idx = {label: i for i, label in enumerate(labels)}
 
-    splits = {TRAIN: _build_split(train, dirs[TRAIN], train_rows, class_to_idx, is_train=True)}
+    splits = {
+        TRAIN: _build_split(
+            train,
+            dirs[TRAIN],
+            train_rows,
+            class_to_idx,
+            True,
+            hidden=hidden,
+            check_images=check_images,
+        )
+    }
     for role, name in roles[1:]:
         if role in dirs:
-            splits[role] = _build_split(name, dirs[role], read(role), class_to_idx, False)
+            rows, hidden = _read_split(fmt, dirs[role], is_train=False)
+            splits[role] = _build_split(
+                name,
+                dirs[role],
+                rows,
+                class_to_idx,
+                False,
+                hidden=hidden,
+                check_images=check_images,
+            )
     return DatasetIndex(root=root, format=fmt, class_to_idx=class_to_idx, splits=splits)
 
 
@@ -445,9 +555,5 @@ def index_split(
     if not class_to_idx:
         raise DataError("index_split needs a non-empty class_to_idx")
     fmt = _resolve_format(format, root, split)
-    rows = (
-        _read_jsonl_split(split_dir)
-        if fmt == "jsonl"
-        else _read_imagefolder_split(split_dir, is_train=False)
-    )
-    return _build_split(split, split_dir, rows, dict(class_to_idx), is_train=False)
+    rows, hidden = _read_split(fmt, split_dir, is_train=False)
+    return _build_split(split, split_dir, rows, dict(class_to_idx), False, hidden=hidden)

@@ -1,7 +1,8 @@
 """Plain torch DataLoaders for train/val/test (the caller passes them to ``accelerator.prepare``).
 
 Train: ``shuffle=True`` when no weighted sampler (Accelerate's seedable sampler replaces the
-``RandomSampler``), otherwise the :class:`WeightedClassSampler`; ``drop_last=False``. Val/test:
+``RandomSampler``), otherwise the :class:`WeightedClassSampler`; see ``drop_single_sample_batch``.
+Val/test:
 in order, ``eval_batch_size`` (or ``batch_size``). Workers persist for train and val (used every
 epoch), not for test (used once). No ``worker_init_fn``: train-time randomness is
 seeded per sample from ``(seed, epoch, index)``, see :mod:`classifier_training.data.dataset`.
@@ -9,16 +10,20 @@ seeded per sample from ``(seed, epoch, index)``, see :mod:`classifier_training.d
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from classifier_training.data.dataset import ImageDataset, Item
+from classifier_training.data.dataset import ImageDataset, Item, drop_single_sample_batch
 from classifier_training.data.imbalance import WeightedClassSampler, build_sampler
 from classifier_training.data.index import DataError, DatasetIndex, index_dataset
+from classifier_training.data.validate import check_dataset
 from classifier_training.recipe import DataConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,21 +46,24 @@ class Loaders:
             self.sampler.set_epoch(epoch)
 
 
-def load_index(cfg: DataConfig) -> DatasetIndex:
-    """Index ``cfg.root``; first render the synthetic dataset there when it is missing (or an
-    empty folder) and ``cfg.generate_if_missing`` is set."""
+def load_index(cfg: DataConfig, monitor: str = "") -> DatasetIndex:
+    """Index ``cfg.root`` and check it (:func:`check_dataset`: full decode of every image, two or
+    more classes, a per-class ``monitor``); first render the synthetic dataset there when it is
+    missing (or an empty folder) and ``cfg.generate_if_missing`` is set."""
     root = Path(cfg.root)
     if cfg.generate_if_missing and (not root.exists() or not any(root.iterdir())):
         from classifier_training.data.synthetic import ensure_synthetic
 
         ensure_synthetic(root, cfg.synthetic)
-    return index_dataset(
+    index = index_dataset(
         root,
         format=cfg.format,
         train=cfg.train_split,
         val=cfg.val_split,
         test=cfg.test_split,
+        check_images=False,  # check_dataset decodes every file, which a header check cannot
     )
+    return check_dataset(index, cfg, monitor)
 
 
 def _loader(
@@ -66,6 +74,7 @@ def _loader(
     shuffle: bool = False,
     sampler: WeightedClassSampler | None = None,
     persistent: bool = True,
+    drop_last: bool = False,
 ) -> DataLoader[Item]:
     return DataLoader(
         dataset,
@@ -74,7 +83,7 @@ def _loader(
         sampler=sampler,
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-        drop_last=False,
+        drop_last=drop_last,
         persistent_workers=persistent and cfg.num_workers > 0,
     )
 
@@ -86,11 +95,13 @@ def build_loaders(
     jpeg_p: float,
     jpeg_quality: tuple[int, int],
     seed: int,
+    num_processes: int = 1,
 ) -> Loaders:
     """Datasets, sampler and loaders for ``index`` as configured by ``cfg``.
 
     ``jpeg_p`` is the effective per-sample JPEG re-encode probability (the augmentation preset
-    resolves it); ``seed`` seeds the sampler and the per-sample draws.
+    resolves it); ``seed`` seeds the sampler and the per-sample draws; ``num_processes`` (the
+    Accelerate world size) decides whether a one-sample last train batch can occur.
     """
     val_split = index.val
     if val_split is None:
@@ -119,7 +130,17 @@ def build_loaders(
     sampler = build_sampler(
         cfg.sampler, train_ds.targets, index.class_to_idx, cfg.sampler_weights, seed
     )
-    train_dl = _loader(train_ds, cfg.batch_size, cfg, shuffle=sampler is None, sampler=sampler)
+    drop = drop_single_sample_batch(
+        len(sampler) if sampler is not None else len(train_ds), cfg.batch_size, num_processes
+    )
+    if drop:
+        log.warning(
+            "train: 1 sample per epoch left out: the last batch would hold a single image, too "
+            "few for BatchNorm (a different one each epoch)"
+        )
+    train_dl = _loader(
+        train_ds, cfg.batch_size, cfg, shuffle=sampler is None, sampler=sampler, drop_last=drop
+    )
     return Loaders(
         train=train_dl,
         val=_loader(val_ds, eval_batch, cfg),

@@ -11,6 +11,20 @@ image is prepared the same way wherever the model sees it:
   (resize to S x S) → uint8 HWC.
 * model input: ``x = (u8 / 255 - mean) / std`` as float32 NCHW (:func:`to_nchw_float`), the same
   arithmetic as torchvision's ``ToDtype(float32, scale=True)`` + ``Normalize``.
+
+Every path starts with :func:`to_rgb8`, the one decode rule for every PIL mode (training workers,
+the full-decode check, evaluation and the onnxruntime predictor all call it):
+
+* 16-bit and 32-bit integer greyscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``): the
+  value range is 0..65535 (``I`` is what older Pillow and TIFF give for 16-bit data; values outside
+  are clipped) and 8 bits are ``v >> 8``, the rule Pillow itself applies to 16-bit RGB(A) PNGs and
+  libpng's ``strip_16``; a 16-bit image made from an 8-bit one (``v * 257``) gives back exactly
+  the 8-bit values. ``convert("RGB")`` would clip every value above 255 to white.
+* 32-bit float (``F``): the range is 0..1, 8 bits are ``round(v * 255)`` clipped (NaN -> 0).
+* transparency (``RGBA``, ``LA``, ``PA``, ``P`` or ``RGB``/``L`` with a ``transparency`` key):
+  composited over :data:`PAD_RGB`, the ImageNet mean that letterboxing pads with (~0 after
+  normalising), instead of exposing whatever colour hides under transparent pixels.
+* everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...): Pillow's ``convert("RGB")``.
 """
 
 from __future__ import annotations
@@ -72,14 +86,46 @@ def preprocessing_contract(image_size: int) -> dict[str, Any]:
     }
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file fully and convert it to RGB (no EXIF rotation, like the reference)."""
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB by the rules of the module docstring (high bit depths scaled,
+    transparency composited over :data:`PAD_RGB`); an RGB image is returned as is."""
+    mode = img.mode
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        background = Image.new("RGBA", img.size, (*PAD_RGB, 255))
+        background.alpha_composite(img.convert("RGBA"))
+        return background.convert("RGB")
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.int64)
+        grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        grey = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+    return img.convert("RGB")
+
+
+def open_image(path: str | Path) -> tuple[Image.Image, str]:
+    """Decode an image file fully (every byte: a truncated file raises ``OSError``) and bring it
+    to 8-bit RGB with :func:`to_rgb8` (no EXIF rotation, like the reference).
+
+    Returns the RGB image and the file's own PIL mode (``I;16``, ``P``, ...).
+    """
     with Image.open(path) as im:
-        return im.convert("RGB")
+        im.load()
+        return to_rgb8(im), im.mode
 
 
-def _rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+def open_rgb(path: str | Path) -> Image.Image:
+    """:func:`open_image` without the mode: what loader workers, evaluation and the predictor
+    CLIs read."""
+    return open_image(path)[0]
 
 
 def _shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:
@@ -94,7 +140,7 @@ def eval_image(img: Image.Image, image_size: int) -> npt.NDArray[np.uint8]:
     """Resize the shorter side to ``resize_size(image_size)`` (bilinear), centre-crop
     ``image_size``; returns uint8 HWC RGB. Crop offsets use torchvision's
     ``int(round((h - crop) / 2.0))``."""
-    img = _rgb(img)
+    img = to_rgb8(img)
     width, height = img.size
     new_w, new_h = _shorter_side_to(width, height, resize_size(image_size))
     if (new_w, new_h) != (width, height):
@@ -116,7 +162,7 @@ def train_image(
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    img = _rgb(img)
+    img = to_rgb8(img)
     width, height = img.size
     if fit == "stretch":
         if (width, height) != (image_size, image_size):
@@ -143,7 +189,7 @@ def jpeg_degrade(img: Image.Image, quality: int) -> Image.Image:
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
     buf = io.BytesIO()
-    _rgb(img).save(buf, format="JPEG", quality=int(quality))
+    to_rgb8(img).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     with Image.open(buf) as decoded:
         return decoded.convert("RGB")

@@ -110,11 +110,15 @@ def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
     Side effects: the run folder with ``recipe.yaml`` and ``labels_mapping.json``, seeded RNGs,
     and the W&B tracker when enabled.
     """
+    accelerator = build_accelerator(recipe, recipe.run_dir)
+    # Every image is decoded (the main process first, the others then hit the check's cache)
+    # before anything is written: bad input stops here and leaves the run folder as it was.
+    with accelerator.main_process_first():
+        index = load_index(recipe.data, recipe.train.monitor)
     run_dir = prepare_run_dir(recipe)
-    accelerator = build_accelerator(recipe, run_dir)
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir / "recipe.yaml")
-    index, class_names = _index_and_labels(recipe, accelerator, run_dir)
+    class_names = _labels(recipe, accelerator, run_dir, index)
     aug_params = resolve(recipe.augment)
     loaders = build_loaders(
         recipe.data,
@@ -122,6 +126,7 @@ def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
         jpeg_p=aug_params.degrade_p * aug_params.jpeg_p,
         jpeg_quality=aug_params.jpeg_quality,
         seed=recipe.train.seed,
+        num_processes=accelerator.num_processes,
     )
     parts = _build_trainables(recipe, accelerator, loaders, index, class_names)
     augment = BatchAugment(aug_params, recipe.data.image_size, IMAGENET_MEAN, IMAGENET_STD)
@@ -244,17 +249,15 @@ def _build_trainables(
     )
 
 
-def _index_and_labels(
-    recipe: Recipe, accelerator: Accelerator, run_dir: Path
-) -> tuple[DatasetIndex, list[str]]:
-    """Index the dataset (class map from train); the main process writes labels_mapping.json."""
-    with accelerator.main_process_first():  # the synthetic dataset is generated once
-        index = load_index(recipe.data)
+def _labels(
+    recipe: Recipe, accelerator: Accelerator, run_dir: Path, index: DatasetIndex
+) -> list[str]:
+    """Class names in index order; the main process writes labels_mapping.json."""
     class_names = [name for name, _ in sorted(index.class_to_idx.items(), key=lambda kv: kv[1])]
     if accelerator.is_main_process:
         mapping = labels_mapping(index.class_to_idx, recipe.data.image_size)
         write_labels_mapping(run_dir / "labels_mapping.json", mapping)
-    return index, class_names
+    return class_names
 
 
 def _build_ema(

@@ -1,4 +1,4 @@
-"""Dataset health report at fit start: class balance, leaks, broken and tiny images, sizes.
+"""Dataset health report at fit start: class balance, leaks, bad and tiny images, sizes.
 
 Written to the run directory::
 
@@ -8,33 +8,35 @@ Written to the run directory::
 
 * class counts per split, imbalance ratio ``max / min`` of the train counts, classes missing
   from val/test;
-* rows skipped because their label is not a train class (``SplitIndex.skipped_unknown``);
-* duplicates: files with identical bytes (SHA-1) across splits (train/val leaks) and within a
-  split, and byte-identical files carrying different labels;
-* unreadable images (PIL cannot parse the header) and tiny ones (shorter side < 16 px);
+* what the index and the pre-training check skipped or fixed, with counts: rows whose label is
+  not a train class (``SplitIndex.skipped_unknown``), labels stripped of surrounding whitespace,
+  hidden files, images that do not decode (``data.skip_bad_images``; every one is listed), and
+  the train sample left out of each epoch when the last batch would hold one image;
+* duplicates keyed on **content**, not path: rows whose images decode to the same pixels
+  (:class:`~classifier_training.data.validate.ImageFacts` ``content``), so a file listed twice,
+  the same picture saved under two names or with other metadata all count. Groups across splits
+  (train/val leaks), extra copies within a split, and groups carrying different labels;
+* tiny images (shorter side < 16 px), PIL modes (16-bit, palette, ...), sizes;
 * metadata distributions (``jersey_color``, ``number_color``, ``border``) when rows carry them.
 
-Fast on ~10k small files: each distinct file is read once, hashed, and its size is taken from
-the header (``Image.open`` decodes no pixels), on a thread pool.
+The per-file facts come from the full-decode check's cache
+(:func:`~classifier_training.data.validate.check_images`), so the hook decodes nothing that the
+check already decoded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import StrMethodFormatter
-from PIL import Image
 
 from classifier_training.data.index import DatasetIndex
+from classifier_training.data.validate import ImageFacts, cache_file, check_images
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.common import format_table
 from classifier_training.io import atomic_write_json, save_figure
@@ -43,39 +45,7 @@ TINY_SIDE = 16
 """Images whose shorter side is below this many pixels are reported as tiny."""
 METADATA_KEYS = ("jersey_color", "number_color", "border")
 MAX_LISTED = 50
-"""Examples kept per list in the JSON (counts are always complete)."""
-
-
-@dataclass(frozen=True)
-class FileFacts:
-    """What one pass over a file's bytes tells: content hash and header size (or the error)."""
-
-    sha1: str
-    width: int
-    height: int
-    error: str = ""
-
-
-def inspect_file(path: Path) -> FileFacts:
-    """SHA-1 of the bytes plus the image size from the header (no pixel decoding)."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        return FileFacts("", 0, 0, f"cannot read: {err}")
-    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return FileFacts(sha1, 0, 0, f"cannot parse image header: {err}")
-    return FileFacts(sha1, int(width), int(height))
-
-
-def inspect_files(paths: Iterable[Path], workers: int = 8) -> dict[Path, FileFacts]:
-    """:func:`inspect_file` for each distinct path, on a thread pool (I/O bound)."""
-    unique = list(dict.fromkeys(paths))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(unique, pool.map(inspect_file, unique), strict=True))
+"""Examples kept per list in the JSON (counts are always complete; bad images are all listed)."""
 
 
 def all_paths(index: DatasetIndex) -> list[Path]:
@@ -83,55 +53,85 @@ def all_paths(index: DatasetIndex) -> list[Path]:
     return [x.path for s in index.splits.values() for x in s.samples]
 
 
+def _duplicates(index: DatasetIndex, facts: Mapping[Path, ImageFacts]) -> dict[str, Any]:
+    """Rows grouped by decoded content; see the module docstring."""
+    groups: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for s in index.splits.values():
+        for x in s.samples:
+            content = facts[x.path].content
+            if content:
+                groups[content].append(
+                    {"split": s.name, "path": str(x.path), "label": x.label, "source": x.source}
+                )
+    cross, conflicts = [], []
+    within: Counter[str] = Counter()
+    for content, rows in groups.items():
+        if len(rows) < 2:
+            continue
+        per_split = Counter(r["split"] for r in rows)
+        entry = {"content_sha1": content, "rows": rows}
+        if len(per_split) > 1:
+            cross.append(entry)
+        for name, n in per_split.items():
+            within[name] += n - 1
+        if len({r["label"] for r in rows}) > 1:
+            conflicts.append(entry)
+    return {
+        "cross_split_groups": len(cross),
+        "cross_split_rows": sum(len(e["rows"]) for e in cross),
+        "within_split_extra_copies": {n: c for n, c in within.items() if c},
+        "label_conflict_groups": len(conflicts),
+        "cross_split_examples": cross[:MAX_LISTED],
+        "label_conflict_examples": conflicts[:MAX_LISTED],
+    }
+
+
+def _bad_images(index: DatasetIndex, facts: Mapping[Path, ImageFacts]) -> list[dict[str, str]]:
+    """Rows the check dropped (``data.skip_bad_images``) plus any row whose facts hold an error."""
+    out = [
+        {"split": s.name, "source": b.sample.source, "path": str(b.sample.path), "error": b.error}
+        for s in index.splits.values()
+        for b in s.bad_images
+    ]
+    out += [
+        {"split": s.name, "source": x.source, "path": str(x.path), "error": facts[x.path].error}
+        for s in index.splits.values()
+        for x in s.samples
+        if facts[x.path].error
+    ]
+    return out
+
+
+def _size_summary(values: list[int]) -> dict[str, float | int]:
+    arr = np.array(values or [0])
+    return {"min": int(arr.min()), "median": float(np.median(arr)), "max": int(arr.max())}
+
+
 def dataset_stats(
-    index: DatasetIndex, facts: Mapping[Path, FileFacts] | None = None
+    index: DatasetIndex,
+    facts: Mapping[Path, ImageFacts] | None = None,
+    *,
+    last_batch_dropped: int = 0,
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (see the module docstring); ``facts`` from
-    :func:`inspect_files` are computed here when not given."""
+    """The report as a JSON-ready dict (see the module docstring). ``facts`` (from
+    :func:`check_images`) are looked up in the check's cache when not given;
+    ``last_batch_dropped`` is the number of train samples each epoch leaves out."""
     labels = sorted(index.class_to_idx, key=index.class_to_idx.__getitem__)
     splits = {s.name: s for s in index.splits.values()}
     counts = {name: Counter(x.label for x in s.samples) for name, s in splits.items()}
-    train_name = index.train.name
-    train_counts = [counts[train_name][label] for label in labels]
+    train_counts = [counts[index.train.name][label] for label in labels]
     if facts is None:
-        facts = inspect_files(all_paths(index))
+        facts = check_images(all_paths(index), cache=cache_file(index.root))
 
-    # Which splits/labels each distinct content hash appears under.
-    by_hash: dict[str, dict[Path, tuple[str, str]]] = defaultdict(dict)
-    for name, s in splits.items():
-        for x in s.samples:
-            f = facts[x.path]
-            if f.sha1:
-                by_hash[f.sha1].setdefault(x.path, (name, x.label))
-    cross, conflicts = [], []
-    within: Counter[str] = Counter()
-    for sha1, files in by_hash.items():
-        if len(files) < 2:
-            continue
-        names = {n for n, _ in files.values()}
-        entry = {
-            "sha1": sha1,
-            "files": [{"split": n, "path": str(p), "label": lab} for p, (n, lab) in files.items()],
-        }
-        if len(names) > 1:
-            cross.append(entry)
-        for n in names:
-            within[n] += sum(1 for sn, _ in files.values() if sn == n) - 1
-        if len({lab for _, lab in files.values()}) > 1:
-            conflicts.append(entry)
-
-    unreadable, tiny = [], []
+    tiny = []
     for name, s in splits.items():
         for p in dict.fromkeys(x.path for x in s.samples):
             f = facts[p]
-            if f.error:
-                unreadable.append({"split": name, "path": str(p), "error": f.error})
-            elif min(f.width, f.height) < TINY_SIDE:
+            if not f.error and min(f.width, f.height) < TINY_SIDE:
                 tiny.append({"split": name, "path": str(p), "width": f.width, "height": f.height})
-
-    sizes = [(f.width, f.height) for f in facts.values() if not f.error]
-    widths = np.array([w for w, _ in sizes] or [0])
-    heights = np.array([h for _, h in sizes] or [0])
+    good = [f for f in facts.values() if not f.error]
+    sizes = [(f.width, f.height) for f in good]
+    bad = _bad_images(index, facts)
 
     metadata: dict[str, Any] = {}
     for name, s in splits.items():
@@ -157,31 +157,20 @@ def dataset_stats(
             name: [lab for lab in labels if c[lab] == 0] for name, c in counts.items()
         },
         "skipped_unknown_label_rows": {name: s.skipped_unknown for name, s in splits.items()},
+        "stripped_label_rows": {name: s.stripped_labels for name, s in splits.items()},
+        "skipped_hidden_files": {name: s.skipped_hidden for name, s in splits.items()},
+        "bad_images_count": len(bad),
+        "bad_images": bad,
+        "train_samples_left_out_per_epoch": last_batch_dropped,
         "distinct_files": len(facts),
-        "duplicates": {
-            "cross_split_groups": len(cross),
-            "cross_split_files": sum(len(e["files"]) for e in cross),
-            "within_split_extra_copies": dict(within),
-            "label_conflict_groups": len(conflicts),
-            "cross_split_examples": cross[:MAX_LISTED],
-            "label_conflict_examples": conflicts[:MAX_LISTED],
-        },
-        "unreadable_count": len(unreadable),
-        "unreadable": unreadable[:MAX_LISTED],
+        "duplicates": _duplicates(index, facts),
         "tiny_count": len(tiny),
         "tiny_min_side": TINY_SIDE,
         "tiny": tiny[:MAX_LISTED],
+        "image_modes": dict(Counter(f.mode for f in good).most_common()),
         "image_sizes": {
-            "width": {
-                "min": int(widths.min()),
-                "median": float(np.median(widths)),
-                "max": int(widths.max()),
-            },
-            "height": {
-                "min": int(heights.min()),
-                "median": float(np.median(heights)),
-                "max": int(heights.max()),
-            },
+            "width": _size_summary([w for w, _ in sizes]),
+            "height": _size_summary([h for _, h in sizes]),
             "most_common": [[w, h, n] for (w, h), n in Counter(sizes).most_common(10)],
         },
         "metadata": metadata,
@@ -256,18 +245,31 @@ def _summary_text(stats: Mapping[str, Any]) -> str:
     for split, missing in stats["missing_classes"].items():
         if missing:
             lines.append(f"{split}: no images of {len(missing)} class(es): {', '.join(missing)}")
-    skipped = {s: n for s, n in stats["skipped_unknown_label_rows"].items() if n}
-    if skipped:
-        lines.append(f"rows skipped (label not a train class): {skipped}")
+    for key, what in (
+        ("skipped_unknown_label_rows", "rows skipped (label not a train class)"),
+        ("stripped_label_rows", "labels stripped of surrounding whitespace"),
+        ("skipped_hidden_files", "hidden files skipped"),
+    ):
+        counted = {s: n for s, n in stats[key].items() if n}
+        if counted:
+            lines.append(f"{what}: {counted}")
+    if stats["bad_images_count"]:
+        lines.append(
+            f"bad images skipped (data.skip_bad_images): {stats['bad_images_count']}, listed "
+            "in dataset_stats.json"
+        )
+    if stats["train_samples_left_out_per_epoch"]:
+        lines.append(
+            f"train samples left out per epoch (one-image last batch): "
+            f"{stats['train_samples_left_out_per_epoch']}"
+        )
     lines.append(
-        f"duplicates: {dup['cross_split_groups']} identical-content groups across splits, "
+        f"duplicates (same decoded pixels): {dup['cross_split_groups']} groups across splits, "
         f"extra copies within splits {dup['within_split_extra_copies'] or 0}, "
         f"{dup['label_conflict_groups']} with conflicting labels"
     )
-    lines.append(
-        f"unreadable images: {stats['unreadable_count']}, tiny (< {TINY_SIDE} px): "
-        f"{stats['tiny_count']}"
-    )
+    modes = ", ".join(f"{m} {n}" for m, n in stats["image_modes"].items())
+    lines.append(f"tiny images (< {TINY_SIDE} px): {stats['tiny_count']}; modes: {modes}")
     for split, meta in stats["metadata"].items():
         for key in ("jersey_color", "number_color"):
             if key in meta:
@@ -284,11 +286,11 @@ class DatasetStatsHook(Hook):
     def on_fit_start(self, ctx: FitContext) -> None:
         if not ctx.accelerator.is_main_process:
             return
-        facts = inspect_files(all_paths(ctx.index))
-        stats = dataset_stats(ctx.index, facts)
+        facts = check_images(all_paths(ctx.index), cache=cache_file(ctx.index.root))
+        dropped = 1 if ctx.loaders.train.drop_last else 0  # see drop_single_sample_batch
+        stats = dataset_stats(ctx.index, facts, last_batch_dropped=dropped)
         atomic_write_json(ctx.run_dir / "dataset_stats.json", stats)
         save_figure(plot_class_counts(stats), ctx.run_dir / "dataset_class_counts.png")
         sizes = [(f.width, f.height) for f in facts.values() if not f.error]
         save_figure(plot_image_sizes(sizes), ctx.run_dir / "dataset_image_sizes.png")
         ctx.accelerator.print(_summary_text(stats))
-        ctx.extra["dataset_stats"] = stats
