@@ -35,10 +35,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from classifier_training.augment.presets import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.checkpoint import LEDGER, Ledger, load_weights
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.loaders import build_loaders, load_index
+from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.evaluation import evaluate
 from classifier_training.model import create_model
 from classifier_training.optim import build_criterion
