@@ -147,6 +147,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        # Every process writes its RNG state into tmp: all must be done before it is renamed.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if ema is not None:
                 sd = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
@@ -157,6 +159,12 @@ class CheckpointManager:
             os.replace(tmp, final)
             self._record(name, state, value)
         accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            # Only the main process updated the ledger; the others read it back so that all agree
+            # on the best checkpoint (every process takes part in the test evaluation).
+            monitor, mode = self.ledger.monitor, self.ledger.mode
+            self.ledger = Ledger.read(self.root) or self.ledger
+            self.ledger.monitor, self.ledger.mode = monitor, mode
         return final
 
     def _record(self, name: str, state: TrainerState, value: float | None) -> None:

@@ -267,6 +267,9 @@ class TrainConfig:
     """Smallest change that counts as an improvement."""
     eval_test: bool = True
     """Evaluate the test split with the selected best weights at the end."""
+    collective_timeout_minutes: float = 120.0
+    """Several processes: how long one waits for the others at a barrier or gather before the
+    run fails (the main process alone hashes the dataset, starts W&B and exports)."""
 
 
 @dataclass

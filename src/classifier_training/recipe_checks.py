@@ -91,6 +91,11 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     need(t.epochs >= 1, "train.epochs must be >= 1", t.epochs)
     need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", t.grad_accum_steps)
     need(
+        t.collective_timeout_minutes > 0,
+        "train.collective_timeout_minutes must be > 0",
+        t.collective_timeout_minutes,
+    )
+    need(
         t.checkpoint_every_updates >= 0,
         "train.checkpoint_every_updates must be >= 0 (0: only at epoch ends)",
         t.checkpoint_every_updates,

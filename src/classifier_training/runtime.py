@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+from classifier_training.distributed import accelerator_options, check_process_group
 from classifier_training.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,11 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     """An Accelerator configured from the recipe.
 
     The seedable sampler makes the shuffle order a function of (seed, epoch) so that resume
-    replays exactly (without it a resumed run re-draws epoch 0's order).
+    replays exactly (without it a resumed run re-draws epoch 0's order). Every process a launcher
+    started joins one group (gloo on CPU-only machines), or the run stops here with LaunchError.
     """
     accelerator = Accelerator(
+        **accelerator_options(os.environ, recipe.train.collective_timeout_minutes),
         mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
         gradient_accumulation_steps=recipe.train.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(
@@ -70,6 +73,7 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(run_dir)),
         step_scheduler_with_optimizer=False,
     )
+    check_process_group(accelerator, os.environ)
     _set_cpu_threads(accelerator)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     if recipe.train.deterministic:
