@@ -342,11 +342,6 @@ def test_two_machines_on_one_host(two_machine_run: tuple[Path, str]) -> None:
     check_metrics_equal_single_process(run_dir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: the EMA copy is made from accelerator.unwrap_model(model), which keeps "
-    "Accelerate's autocast forward, so val_ema/* is computed in bf16/fp16, not fp32 as documented",
-)
 def test_ema_validation_equals_a_single_process_fp32_evaluation(
     accelerate_run: tuple[Path, str],
 ) -> None:

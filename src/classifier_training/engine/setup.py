@@ -266,13 +266,18 @@ def _build_ema(
     """timm's EMA of the prepared (on-device) bare model, or None when ``ema.enabled`` is off."""
     if not recipe.ema.enabled:
         return None
-    return ModelEmaV3(
+    ema = ModelEmaV3(
         accelerator.unwrap_model(model),
         decay=recipe.ema.decay,
         use_warmup=recipe.ema.warmup,
         warmup_gamma=recipe.ema.warmup_gamma,
         warmup_power=recipe.ema.warmup_power,
     )
+    # prepare() put an autocast ``forward`` on the model instance, and the deepcopy carried it
+    # over: without these two attributes the EMA evaluates in fp32, the deployment precision.
+    for attr in ("forward", "_original_forward"):
+        ema.module.__dict__.pop(attr, None)
+    return ema
 
 
 def _restore(
