@@ -25,6 +25,7 @@ from classifier_training.checkpoint import (
     TrainerState,
     check_files,
     choose_resume,
+    clear_checkpoints,
     load_weights,
     plan_start,
     remove_orphans,
@@ -193,7 +194,10 @@ def test_auto_or_new_and_plan_start(tmp_path: Path, accelerator: Accelerator) ->
         plan_start(tmp_path, "", overwrite=False, fallback=False)
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     assert plan_start(tmp_path, "", overwrite=True, fallback=False) is None
+    assert (tmp_path / "checkpoints").exists()  # deciding deletes nothing
+    assert clear_checkpoints(tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert not clear_checkpoints(tmp_path)
 
 
 def test_orphan_temp_folders_are_removed(tmp_path: Path, accelerator: Accelerator) -> None:

@@ -442,22 +442,31 @@ def find_resume_checkpoint(target: str, run_dir: Path, *, fallback: bool = False
 def plan_start(run_dir: Path, resume: str, overwrite: bool, fallback: bool) -> ResumeChoice | None:
     """Decide how a run starts in ``run_dir``: a verified resume, or a new run (None).
 
-    A new run in a folder that has checkpoints is refused unless ``overwrite``, which then
-    deletes them (and metrics.jsonl). Call on the main process only, holding the run lock.
+    A new run in a folder that has checkpoints is refused unless ``overwrite`` (the caller then
+    deletes them with :func:`clear_checkpoints` once the new run's input is known to be good).
+    Reads only. Call on the main process, holding the run lock.
     """
     run_dir = Path(run_dir)
     if resume:
         return choose_resume(resume, run_dir, fallback=fallback)
-    if (run_dir / "checkpoints" / LEDGER).exists():
-        if not overwrite:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints of an earlier run. Resume it with "
-                "--train.resume auto, start over with --train.overwrite true, or pick another "
-                "--train.output_dir."
-            )
-        shutil.rmtree(run_dir / "checkpoints")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if (run_dir / "checkpoints" / LEDGER).exists() and not overwrite:
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints of an earlier run. Resume it with "
+            "--train.resume auto, start over with --train.overwrite true, or pick another "
+            "--train.output_dir."
+        )
     return None
+
+
+def clear_checkpoints(run_dir: Path) -> bool:
+    """``--train.overwrite``: delete an earlier run's checkpoints and metrics.jsonl (main
+    process, holding the run lock); True if there was anything to delete."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return False
+    shutil.rmtree(root)
+    (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    return True
 
 
 def load_checkpoint(accelerator: Any, ckpt: Path, ema: Any | None) -> TrainerState:
