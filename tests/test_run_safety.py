@@ -347,3 +347,46 @@ def test_check_resume_refuses_reads_only_and_force_records(tmp_path: Path) -> No
     (ckpt / COMPAT_FILE).unlink()
     old = check_resume(ckpt, current, state, force=False)
     assert "written by an older version" in old.warnings[0]
+
+
+def _overwrite_job(data: str, out: str) -> None:
+    from accelerate import PartialState
+
+    import classifier_training.run_folder as run_folder
+    from classifier_training.engine.setup import setup
+
+    calls: list[int] = []
+    real = run_folder.plan_start
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        calls.append(PartialState().process_index)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    run_folder.plan_start = recorded  # type: ignore[assignment]
+    recipe = parse_recipe(
+        [
+            *("--data.root", data, "--data.image_size", "32", "--data.num_workers", "0"),
+            *("--model.arch", "test_resnet", "--model.pretrained", "false"),
+            *("--train.output_dir", out, "--train.overwrite", "true", "--hooks.enabled"),
+        ]
+    )
+    run, _ = setup(recipe)
+    try:
+        Path(out, f"calls-{run.accelerator.process_index}.json").write_text(json.dumps(calls))
+    finally:
+        run.guard.close()
+
+
+def test_overwrite_deletes_once_on_the_main_process_after_the_group_exists(
+    tmp_path: Path,
+) -> None:
+    """issue 9: --train.overwrite deleted the old checkpoints on every rank before the
+    Accelerator existed."""
+    data = write_jsonl_dataset(tmp_path / "d", ("0", "1"), {"train": 2, "valid": 1, "test": 1})
+    out = tmp_path / "run"
+    (out / "checkpoints" / "epoch-001").mkdir(parents=True)
+    (out / "checkpoints" / LEDGER).write_text('{"monitor": "m", "mode": "max"}')
+    debug_launcher(_overwrite_job, args=(str(data), str(out)), num_processes=2)
+    assert json.loads((out / "calls-0.json").read_text()) == [0]
+    assert json.loads((out / "calls-1.json").read_text()) == []
+    assert not (out / "checkpoints").exists()
