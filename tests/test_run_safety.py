@@ -356,13 +356,13 @@ def _overwrite_job(data: str, out: str) -> None:
     from classifier_training.engine.setup import setup
 
     calls: list[int] = []
-    real = run_folder.plan_start
+    real = run_folder.clear_checkpoints
 
     def recorded(*args: object, **kwargs: object) -> object:
         calls.append(PartialState().process_index)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    run_folder.plan_start = recorded  # type: ignore[assignment]
+    run_folder.clear_checkpoints = recorded  # type: ignore[assignment]
     recipe = parse_recipe(
         [
             *("--data.root", data, "--data.image_size", "32", "--data.num_workers", "0"),
