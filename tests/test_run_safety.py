@@ -71,6 +71,25 @@ def test_second_lock_names_the_holder_and_a_released_lock_is_free(tmp_path: Path
         pass
 
 
+def test_a_run_that_wrote_nothing_leaves_no_lock_behind(tmp_path: Path) -> None:
+    fresh = RunLock(tmp_path / "runs" / "new")
+    fresh.acquire()
+    fresh.release(discard=True)
+    assert list(tmp_path.iterdir()) == []  # the folders it created are gone too
+    existing = tmp_path / "old"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text("{}\n")
+    lock = RunLock(existing)
+    lock.acquire()
+    lock.release(discard=True)
+    assert [p.name for p in existing.iterdir()] == ["metrics.jsonl"]
+    with RunLock(existing):  # a kept lock file (a run that wrote) stays
+        pass
+    with RunLock(existing):  # the previous holder released it
+        assert (existing / LOCK_FILE).is_file()
+    assert (existing / LOCK_FILE).is_file()
+
+
 def test_a_dead_holder_never_blocks(tmp_path: Path) -> None:
     run = tmp_path / "run"
     code = textwrap.dedent(

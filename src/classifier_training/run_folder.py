@@ -3,13 +3,15 @@
 :class:`RunGuard` is built by ``engine.setup`` right after the Accelerator (so every decision can
 be shared by all processes) and entered by ``train`` around the epochs. In order:
 
-1. the main process takes the folder's lock (:mod:`run_lock`) and decides how the run starts
-   (:func:`checkpoint.plan_start`: a verified resume, a new run, or a refusal); every process
-   gets the same decision or the same error;
-2. ``admit(index)``, once the dataset is indexed and checked and before anything is written: on
-   resume the checkpoint's ``compat.json`` is compared with this run (:mod:`compat`); only then
-   does ``--train.overwrite`` delete an earlier run's checkpoints, are orphan ``.tmp-*`` folders
-   removed, and may the caller write ``recipe.yaml`` and ``labels_mapping.json``;
+1. the main process takes the folder's lock (:mod:`run_lock`), so a second run stops at once;
+2. ``admit(index)``, once the dataset is indexed and checked (bad input stops first) and before
+   anything is written: the main process decides how the run starts (:func:`checkpoint.
+   plan_start`: a verified resume, a new run, or a refusal) and, on resume, compares the
+   checkpoint's ``compat.json`` with this run (:mod:`compat`); every process gets the same
+   decision or the same error. Only then does ``--train.overwrite`` delete an earlier run's
+   checkpoints, are orphan ``.tmp-*`` folders removed, and may the caller write ``recipe.yaml``
+   and ``labels_mapping.json``. A run refused before this point leaves no trace: the lock file
+   (and the folder) it created are removed again;
 3. during the epochs (``with guard:``) SIGTERM/SIGINT are turned into a flag (:mod:`preemption`);
    ``after_batch`` writes the step checkpoints (every N updates, every M minutes, or on a stop
    signal, all agreed across processes) and raises :class:`PreemptedError` after a stop
@@ -50,15 +52,12 @@ class RunGuard:
         self.signals = StopSignals()
         self.record_json = ""
         self.next_epoch_boundary = False
-        cfg = recipe.train
-
-        def claim() -> ResumeChoice | None:
-            self.lock.acquire()
-            return plan_start(self.run_dir, cfg.resume, cfg.overwrite, cfg.resume_fallback)
+        self.choice: ResumeChoice | None = None
+        self.admitted = False  # from then on the run writes into the folder
 
         try:
-            self.choice = share_from_main(accelerator, claim)
-            self.poll = StopPoll(accelerator, self.signals, cfg.checkpoint_every_minutes)
+            share_from_main(accelerator, self.lock.acquire)
+            self.poll = StopPoll(accelerator, self.signals, recipe.train.checkpoint_every_minutes)
         except BaseException:
             self.close()
             raise
@@ -69,9 +68,10 @@ class RunGuard:
         Afterwards the run folder is this run's to write: orphans of killed writes are gone and
         ``record_json`` holds the compat.json every checkpoint of this run will carry.
         """
-        acc, recipe, choice = self.accelerator, self.recipe, self.choice
+        acc, recipe, cfg = self.accelerator, self.recipe, self.recipe.train
 
-        def check() -> ResumeCheck:
+        def check() -> tuple[ResumeChoice | None, ResumeCheck]:
+            choice = plan_start(self.run_dir, cfg.resume, cfg.overwrite, cfg.resume_fallback)
             record = run_record(
                 recipe,
                 index,
@@ -88,9 +88,10 @@ class RunGuard:
                 )
             for name in remove_orphans(self.run_dir):
                 acc.print(f"removed {self.run_dir / 'checkpoints' / name} (a killed write)")
-            return result
+            return choice, result
 
-        result = share_from_main(acc, check)
+        self.choice, result = share_from_main(acc, check)
+        self.admitted = True
         for warning in result.warnings:
             acc.print(f"warning: {warning}")
         self.record_json = json.dumps(result.record, indent=2, sort_keys=True) + "\n"
@@ -128,8 +129,10 @@ class RunGuard:
             raise PreemptedError(self.signals.requested or "a stop signal", checkpoint)
 
     def close(self) -> None:
+        """Restore the signal handlers and unlock; a run that was never admitted (it wrote
+        nothing) also removes the lock file and folder it created."""
         self.signals.restore()
-        self.lock.release()
+        self.lock.release(discard=not self.admitted)
 
     def __enter__(self) -> RunGuard:
         self.signals.install()

@@ -43,6 +43,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
+        self._created: list[Path] = []  # folders and the lock file this acquire() created
 
     @property
     def held(self) -> bool:
@@ -50,14 +51,29 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise RunLockedError; creates the run folder if needed."""
+        missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._created = missing[::-1]  # outermost first
+            for _ in range(10):
+                fd = self._open_and_lock()
+                if fd is not None:
+                    break
+            else:
+                raise RunLockedError(f"{self.path}: replaced again and again while locking")
         except OSError as err:
             raise CheckpointError(
                 f"cannot write to {self.run_dir} as uid {os.getuid()}: {err.strerror}; "
                 "check the folder's owner and permissions (or the bucket's access)"
             ) from err
+        self._fd = fd
+        _write_holder(fd)
+
+    def _open_and_lock(self) -> int | None:
+        """The locked descriptor of the current lock file, or None to retry (it was unlinked
+        or replaced between open and flock by a holder that gave the folder up)."""
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -77,13 +93,27 @@ class RunLock:
                 self.run_dir,
                 err.strerror,
             )
-        self._fd = fd
-        _write_holder(fd)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        if created:
+            self._created.append(self.path)
+        return fd
 
-    def release(self) -> None:
+    def release(self, *, discard: bool = False) -> None:
+        """Unlock. ``discard``: the run wrote nothing, so also remove the lock file and the
+        folders that :meth:`acquire` created, leaving the filesystem as it found it."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        if discard:  # unlink while still holding the lock (see _open_and_lock's inode check)
+            for path in reversed(self._created):
+                with contextlib.suppress(OSError):
+                    path.unlink() if path == self.path else path.rmdir()
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
