@@ -53,6 +53,7 @@ SAFE_FIELDS: tuple[str, ...] = (
     "data.num_workers",
     "data.pin_memory",
     "data.eval_batch_size",
+    "data.skip_bad_images",  # what it drops shows in the dataset fingerprint
     "data.generate_if_missing",
     "data.synthetic",
     "model.pretrained",
@@ -70,6 +71,7 @@ SAFE_FIELDS: tuple[str, ...] = (
     "train.checkpoint_every_minutes",
     "train.keep_top_k",
     "train.eval_test",
+    "train.collective_timeout_minutes",
     "logging",
     "hooks",
     "export",
