@@ -269,8 +269,8 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(
 
     resumed = run_cli(launch_cmd("python") + train_args(data, run_dir, "--train.resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
-    assert first("resuming from", resumed.stdout).startswith(
-        f"resuming from {ckpt} (epoch 2, batch {state['batches_done']}, "
+    assert first("resumed from", resumed.stdout).startswith(
+        f"resumed from {ckpt} (epoch 2, batch {state['batches_done']}, "
     )
     assert_same_weights(reference, run_dir)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -353,7 +353,7 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(
         launch_cmd("accelerate") + train_args(data, run_dir, "--train.resume", "auto")
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert first("resuming from", resumed.stdout).startswith(f"resuming from {root / last} (")
+    assert first("resumed from", resumed.stdout).startswith(f"resumed from {root / last} (")
     for name in leftovers:
         assert f"removed {root / name} (a killed write)" in resumed.stdout
     assert not any(root.glob(".tmp-*"))
@@ -493,8 +493,8 @@ def test_truncated_checkpoint_is_named_and_fallback_only_when_asked(
         launch_cmd("python") + args + ["--train.epochs", "2", "--train.resume_fallback", "true"]
     )
     assert fallback.returncode == 0, fallback.stderr
-    assert first("resuming from", fallback.stdout) == (
-        f"resuming from {intact} (start of epoch 2, {BATCHES} updates; 6 files verified); "
+    assert first("resumed from", fallback.stdout) == (
+        f"resumed from {intact} (start of epoch 2, {BATCHES} updates; 6 files verified); "
         "skipped damaged: epoch-002"
     )
 

@@ -181,7 +181,7 @@ def test_truncated_file_is_named_and_resume_refuses_unless_asked(
     assert f"The newest intact one is {intact}" in msg and "--train.resume_fallback true" in msg
     choice = choose_resume("auto", tmp_path, fallback=True)
     assert choice is not None and choice.path == intact and choice.skipped == ["step-0000025"]
-    assert choice.describe().startswith(f"resuming from {intact} (start of epoch 3, 20 updates;")
+    assert choice.describe().startswith(f"resumed from {intact} (start of epoch 3, 20 updates;")
     # export reads the weights through the same check
     with pytest.raises(CheckpointError, match=r"step-0000025 is damaged: .*truncated"):
         load_weights(newest, "raw")
@@ -207,7 +207,7 @@ def test_auto_or_new_and_plan_start(tmp_path: Path, accelerator: Accelerator) ->
     choice = choose_resume("auto_or_new", tmp_path)
     assert choice is not None and choice.path.name == "step-0000025"
     assert choice.describe() == (
-        f"resuming from {choice.path} (epoch 3, batch 3, 20 updates; 5 files verified)"
+        f"resumed from {choice.path} (epoch 3, batch 3, 20 updates; 5 files verified)"
     )
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         plan_start(tmp_path, "", overwrite=False, fallback=False)

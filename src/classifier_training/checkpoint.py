@@ -213,12 +213,17 @@ class CheckpointManager:
 
         share_from_main(accelerator, make_tmp)
         accelerator.save_state(str(tmp))
-        for path in _files_of(tmp):  # what this process wrote (the rest is cheap: clean pages)
-            fsync_file(path)
-        # Every process's files (each writes its RNG state) are complete before the rename.
+        # Each process writes its own RNG state and makes it durable (the main process writes the
+        # rest, still in progress while others finish, so only it lists the folder, after the
+        # barrier); all files are complete before the main process renames the folder.
+        own = tmp / f"random_states_{accelerator.process_index}.pkl"
+        if own.is_file():
+            fsync_file(own)
         accelerator.wait_for_everyone()
 
         def finish() -> Ledger:
+            for path in _files_of(tmp):
+                fsync_file(path)
             if ema is not None:
                 sd = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
                 save_file(sd, str(tmp / EMA_FILE))
@@ -357,7 +362,7 @@ class ResumeChoice:
             else (f"start of epoch {s.epoch + 1}")
         )
         check = f"{self.verified_files} files verified" if self.verified_files else "unverified"
-        text = f"resuming from {self.path} ({where}, {s.updates} updates; {check})"
+        text = f"resumed from {self.path} ({where}, {s.updates} updates; {check})"
         if self.skipped:
             text += "; skipped damaged: " + ", ".join(self.skipped)
         return text
