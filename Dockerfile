@@ -45,7 +45,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates software-properties-common \
     && add-apt-repository -y ppa:deadsnakes/ppa \
     && apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv tini \
     && apt-get purge -y --auto-remove software-properties-common \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv "${VIRTUAL_ENV}"
@@ -77,4 +77,12 @@ USER 10001:10001
 # No secrets are baked in: pass WANDB_API_KEY (and --logging.wandb true) at run time, e.g.
 # `docker run -e WANDB_API_KEY ...`. Outputs go to /app/runs/<recipe name> unless
 # --train.output_dir says otherwise; mount a volume there to keep them.
-ENTRYPOINT ["accelerate", "launch", "src/train.py"]
+#
+# Signals (docker stop, a GCE or Vertex AI preemption): tini is PID 1 and, with -g, sends SIGTERM
+# and SIGINT to the whole process group of its child. That child is `accelerate launch`, exec'd
+# with both signals ignored (an ignored disposition survives exec): a one-process launcher
+# forwards nothing and would otherwise die at once, taking the container down before the trainer
+# could save. The trainer installs its own handlers, finishes the batch, writes a checkpoint and
+# exits 75 (see README, "Preemption and resume"); with several GPUs torch's elastic agent installs
+# its own handlers and forwards the signal to each trainer. Allow it time: `docker stop -t 60`.
+ENTRYPOINT ["/usr/bin/tini", "-g", "--", "bash", "-c", "trap '' TERM INT; exec accelerate launch src/train.py \"$@\"", "accelerate"]

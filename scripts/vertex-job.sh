@@ -19,13 +19,14 @@
 #   --dry-run         print the job spec and the gcloud command; submit nothing (gcloud optional)
 #   TRAIN_ARGS        more src/train.py overrides, e.g. -- --train.epochs 100
 #
-# Resume: the job's command resumes by itself (--train.resume auto) whenever the run folder
-# already holds checkpoints/ledger.json, so a preempted VM that Vertex AI restarts
-# (restartJobOnWorkerRestart) continues from the last checkpoint, and so does a job submitted
-# again with the same --run NAME after it failed or was cancelled.
+# Resume: the job trains with --train.resume auto_or_new, which continues the newest checkpoint
+# of the run folder when there is one and starts the run otherwise, so a preempted VM that
+# Vertex AI restarts (restartJobOnWorkerRestart) continues from the last checkpoint, and so does
+# a job submitted again with the same --run NAME after it failed or was cancelled. On the
+# preemption notice (SIGTERM) the trainer writes a checkpoint before it exits.
 set -euo pipefail
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 die() {
     echo "vertex-job.sh: $*" >&2
     exit 2
@@ -111,7 +112,8 @@ if [[ -z "$project" ]]; then
 fi
 image_uri="$region-docker.pkg.dev/$project/$repo/$image:$tag"
 
-args=(--recipe "$recipe" --data.root "$data_dir")
+args=(--train.output_dir "$run_dir" --train.resume auto_or_new --recipe "$recipe"
+    --data.root "$data_dir")
 if ((wandb)); then
     [[ -n "${WANDB_API_KEY:-}" ]] || die "--wandb needs WANDB_API_KEY in the environment"
     args+=(--logging.wandb true --logging.run_name "$run")
@@ -125,9 +127,8 @@ yq() {
     printf '"%s"' "$s"
 }
 
-# The job spec (CustomJobSpec). The container command replaces the image's ENTRYPOINT only to add
-# --train.resume auto when the run already has checkpoints; it then execs the same
-# `accelerate launch src/train.py`.
+# The job spec (CustomJobSpec). The container keeps the image's ENTRYPOINT (tini, then
+# `accelerate launch src/train.py`, so SIGTERM reaches the trainer); `args` are training flags.
 job_spec() {
     local key="$1"
     cat <<EOF
@@ -142,24 +143,7 @@ workerPoolSpecs:
       bootDiskSizeGb: 100
     containerSpec:
       imageUri: $(yq "$image_uri")
-      command:
-        - bash
-        - -c
-        - |
-          run_dir="\$1"; shift
-          if ! mkdir -p "\$run_dir" || ! touch "\$run_dir/.write-test"; then
-            echo "cannot write to \$run_dir as uid \$(id -u): check the job's bucket access" >&2
-            exit 1
-          fi
-          rm -f "\$run_dir/.write-test"
-          if [ -f "\$run_dir/checkpoints/ledger.json" ]; then
-            echo "resuming the run in \$run_dir"
-            set -- "\$@" --train.resume auto
-          fi
-          exec accelerate launch src/train.py --train.output_dir "\$run_dir" "\$@"
-        - vertex-train
       args:
-        - $(yq "$run_dir")
 EOF
     local a
     for a in "${args[@]}"; do

@@ -13,6 +13,10 @@ The algorithm, top to bottom (the pieces live in ``classifier_training.engine``)
    ``end_epoch``: best value and patience (``track_best``), checkpoint (top-k), metrics.jsonl +
    trackers, epoch hooks, early stopping agreed across processes
 3. ``test_best``: the test split with the best selected weights; fit-end hooks (export)
+
+The run folder is locked for the whole run (``run.guard``). Exit status: 0 done; 2 bad input or
+an unusable run folder (one ``error:`` line); 75 stopped by SIGTERM/SIGINT after writing a
+checkpoint (``preempted:``; resume with ``--train.resume auto``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from classifier_training.engine.selection import validate
 from classifier_training.engine.setup import setup
 from classifier_training.hooks import run_hooks
 from classifier_training.model import PretrainedWeightsError
+from classifier_training.preemption import EXIT_PREEMPTED, PreemptedError, watch_launcher
 from classifier_training.recipe import Recipe, parse_recipe
 
 log = logging.getLogger("train")
@@ -52,21 +57,23 @@ def train(recipe: Recipe, *, callbacks: Sequence[LoopCallback] = ()) -> TrainRes
     ``callbacks`` observe the step loop on every process (see ``LoopCallback``).
     """
     run, state = setup(recipe)
-    run_hooks(run.hooks, "on_fit_start", run.ctx)
-    stopped_early = False
-    for epoch in range(state.epoch, recipe.train.epochs):
-        train_metrics = train_one_epoch(run, state, epoch, callbacks)
-        val = validate(run, train_metrics)
-        stopped_early = end_epoch(run, state, epoch, val)
-        if stopped_early:
-            break
-    final_metrics = test_best(run, state)
-    ctx = run.ctx
-    ctx.metrics = final_metrics
-    ctx.best_checkpoint, ctx.last_checkpoint = run.checkpoints.best_path, run.checkpoints.last_path
-    ctx.extra["stopped_early"] = stopped_early
-    run_hooks(run.hooks, "on_fit_end", ctx)
-    run.accelerator.end_training()
+    with run.guard:  # holds the run folder's lock; SIGTERM/SIGINT -> checkpoint, PreemptedError
+        run_hooks(run.hooks, "on_fit_start", run.ctx)
+        stopped_early = False
+        for epoch in range(state.epoch, recipe.train.epochs):
+            train_metrics = train_one_epoch(run, state, epoch, callbacks)
+            val = validate(run, train_metrics)
+            stopped_early = end_epoch(run, state, epoch, val)
+            if stopped_early:
+                break
+        final_metrics = test_best(run, state)
+        ctx = run.ctx
+        ctx.metrics = final_metrics
+        ctx.best_checkpoint = run.checkpoints.best_path
+        ctx.last_checkpoint = run.checkpoints.last_path
+        ctx.extra["stopped_early"] = stopped_early
+        run_hooks(run.hooks, "on_fit_end", ctx)
+        run.accelerator.end_training()
     return TrainResult(run.run_dir, state, run.checkpoints.best_path, final_metrics)
 
 
@@ -89,9 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # such as matplotlib.category's "categorical units ... parsable as floats" on every plot.
     for chatty in ("accelerate", "timm", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    watch_launcher()  # a launcher that dies alone must not leave this trainer running
     try:
         recipe = parse_recipe(argv)
         train(recipe)
+    except PreemptedError as err:
+        print(f"preempted: {err}; resume with --train.resume auto", file=sys.stderr)
+        return EXIT_PREEMPTED
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

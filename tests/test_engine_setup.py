@@ -69,6 +69,7 @@ def test_setup_restores_state_and_schedule_on_resume(data: Path, tmp_path: Path)
     run, state = setup(recipe_for(data, out))
     state.epoch, state.updates = 1, 3
     run.checkpoints.save(run.accelerator, "epoch-001", state, run.ema_module(), 0.5)
+    run.guard.close()  # releases the run folder's lock (train() does it on the way out)
     AcceleratorState._reset_state(True)
 
     resumed, restored = setup(recipe_for(data, out, "--train.resume", "auto"))

@@ -10,6 +10,7 @@ scripts/check-infra.sh.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -190,7 +191,9 @@ def test_dockerfile_layers_user_entrypoint_and_secrets() -> None:
     assert users, "no USER: the image would run as root"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0
-    assert lines[-1] == 'ENTRYPOINT ["accelerate", "launch", "src/train.py"]'
+    entrypoint = json.loads(lines[-1].removeprefix("ENTRYPOINT "))
+    assert entrypoint[:3] == ["/usr/bin/tini", "-g", "--"]  # signals reach the trainer
+    assert "exec accelerate launch src/train.py" in entrypoint[-2]
     for ln in lines:
         if ln.startswith(("ENV ", "ARG ")):
             assert not re.search(r"(KEY|TOKEN|SECRET|PASSWORD)", ln, re.I), ln
@@ -292,8 +295,12 @@ def test_vertex_job_spec_runs_on_a_t4_and_hides_the_key(tmp_path: Path) -> None:
     assert container["imageUri"] == (
         "us-east1-docker.pkg.dev/demo/classifier-training/classifier-training:latest"
     )
-    assert container["args"][0] == "/gcs/my-bucket/runs/r18-a"
-    assert container["args"][1:] == [
+    assert "command" not in container  # the image's ENTRYPOINT (tini) stays in charge of signals
+    assert container["args"] == [
+        "--train.output_dir",
+        "/gcs/my-bucket/runs/r18-a",
+        "--train.resume",
+        "auto_or_new",
         "--recipe",
         "recipes/basketball_r18.yaml",
         "--data.root",
@@ -310,27 +317,17 @@ def test_vertex_job_spec_runs_on_a_t4_and_hides_the_key(tmp_path: Path) -> None:
     assert "gcloud ai custom-jobs create --project=demo --region=us-east1" in out
 
 
-def test_vertex_job_command_resumes_when_checkpoints_exist(tmp_path: Path) -> None:
-    spec, _ = vertex_spec(tmp_path, "--data", "gs://my-bucket/d")
-    command = spec["workerPoolSpecs"][0]["containerSpec"]["command"]
-    assert command[:2] == ["bash", "-c"]
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "accelerate").write_text('#!/bin/sh\necho "accelerate $*"\n')
-    (fake_bin / "accelerate").chmod(0o755)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    env = {"PATH": f"{fake_bin}{os.pathsep}{TOOL_PATH}"}
+def test_vertex_job_args_are_trainer_flags_that_resume_or_start(tmp_path: Path) -> None:
+    """No shell logic in the job: the trainer's own --train.resume auto_or_new decides."""
+    from classifier_training.recipe import parse_recipe
 
-    fresh = run([*command, str(run_dir), "--recipe", "r.yaml"], env=env)
-    assert fresh.returncode == 0, fresh.stderr
-    assert fresh.stdout.strip().splitlines()[-1] == (
-        f"accelerate launch src/train.py --train.output_dir {run_dir} --recipe r.yaml"
-    )
-    (run_dir / "checkpoints").mkdir()
-    (run_dir / "checkpoints" / "ledger.json").write_text("{}")
-    resumed = run([*command, str(run_dir), "--recipe", "r.yaml"], env=env)
-    assert resumed.stdout.strip().splitlines()[-1].endswith("--recipe r.yaml --train.resume auto")
+    spec, _ = vertex_spec(tmp_path, "--data", "gs://my-bucket/d", "--run", "r1")
+    args = list(spec["workerPoolSpecs"][0]["containerSpec"]["args"])
+    args[args.index("--recipe") + 1] = str(ROOT / args[args.index("--recipe") + 1])
+    recipe = parse_recipe(args)
+    assert recipe.train.resume == "auto_or_new"
+    assert recipe.train.output_dir == "/gcs/my-bucket/runs/r1"
+    assert recipe.data.root == "/gcs/my-bucket/d"
 
 
 def test_vertex_job_rejects_a_non_gcs_data_path(tmp_path: Path) -> None:

@@ -1,21 +1,29 @@
-"""Checkpoints: atomic ``save_state`` folders, a top-k ledger, and weight loading for export.
+"""Checkpoints: atomic, fsynced, self-verifying ``save_state`` folders and a top-k ledger.
 
 Layout of ``runs/<name>/checkpoints/``::
 
     epoch-003/      accelerator.save_state(): model.safetensors, optimizer.bin,
                     random_states_*.pkl (+ scaler.pt); plus ours: ema.safetensors,
-                    trainer_state.json
-    step-0000450/   an every-N-updates checkpoint (only the newest is kept)
-    ledger.json     {"monitor", "mode", "last", "best": [{"name", "epoch", "updates", "value"}]}
+                    trainer_state.json, compat.json (what a resume must match)
+    step-0000450/   a mid-epoch checkpoint (cadence, or a stop signal; only the newest is kept)
+    ledger.json     {"monitor", "mode", "last", "best": [{"name", "epoch", "updates", "value"}],
+                     "files": {checkpoint: {file: {"size", "sha256"}}}}
 
-A folder is written under ``.tmp-<name>`` and renamed when complete, and the ledger is replaced
-atomically after that, so a kill at any moment leaves the previous checkpoint loadable. Only
-``last`` and the ``keep_top_k`` best folders survive pruning. The trainer state is JSON and the
-weights are safetensors: loading never unpickles our own objects (Accelerate's RNG file aside).
+Write order (a kill at any moment leaves the previous checkpoint loadable): every process writes
+its part of ``.tmp-<name>/`` and fsyncs it; a barrier; the main process adds its files, records
+each file's size and sha256, fsyncs the folder, renames it to ``<name>``, fsyncs the parent, and
+only then replaces the ledger (temp file, fsync, rename, fsync). The ledger is then broadcast, so
+every process holds the same one. Resume and export check the recorded sizes and hashes and name
+the file that is wrong; a ``.tmp-*`` left by a killed write is removed at the next start
+(:func:`remove_orphans`). Only ``last`` and the ``keep_top_k`` best folders survive pruning. The
+trainer state is JSON and the weights are safetensors: loading never unpickles our own objects
+(Accelerate's optimizer and RNG files aside).
+
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,12 +34,15 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from classifier_training.io import atomic_write_text
+from classifier_training.agreement import share_from_main
+from classifier_training.io import atomic_write_text, fsync_dir
 
 LEDGER = "ledger.json"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.safetensors"
+TMP_PREFIX = ".tmp-"
+_HASH_CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
@@ -77,20 +88,30 @@ class LedgerEntry:
     value: float
 
 
+FileRecord = dict[str, Any]  # {"size": int, "sha256": str}
+
+
 @dataclass
 class Ledger:
-    """Which checkpoint folders exist and why: ``last`` plus the top-k by the monitored value."""
+    """Which checkpoint folders exist and why (``last`` plus the top-k by the monitored value),
+    and the size and sha256 of every file of each (``files``)."""
 
     monitor: str
     mode: Literal["max", "min"]
     last: str = ""
     best: list[LedgerEntry] = field(default_factory=list)
+    files: dict[str, dict[str, FileRecord]] = field(default_factory=dict)
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
+
+    def names(self) -> list[str]:
+        """Every checkpoint the ledger keeps: last first, then the best ones."""
+        out = [self.last] if self.last else []
+        return out + [e.name for e in self.best if e.name not in out]
 
     @classmethod
     def read(cls, ckpt_root: Path) -> Ledger | None:
@@ -100,19 +121,61 @@ class Ledger:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             best = [LedgerEntry(**e) for e in data.get("best", [])]
-            return cls(data["monitor"], data["mode"], data.get("last", ""), best)
+            files = data.get("files", {})
+            return cls(data["monitor"], data["mode"], data.get("last", ""), best, files)
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{path}: corrupt checkpoint ledger ({err})") from err
 
 
+# ---------------------------------------------------------------------------------------------
+# Durable writes (renames and small files through classifier_training.io)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def file_record(path: Path) -> FileRecord:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def manifest(folder: Path) -> dict[str, FileRecord]:
+    """Size and sha256 of every file under ``folder``, keyed by relative path."""
+    return {p.relative_to(folder).as_posix(): file_record(p) for p in _files_of(folder)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
 class CheckpointManager:
-    """Saves, ranks and prunes checkpoints of one run; all processes call ``save``."""
+    """Saves, ranks and prunes checkpoints of one run; every process calls ``save``.
+
+    Every process holds the same ledger: it is read from disk at start and broadcast from the
+    main process after each save. ``extra_files`` (name -> text) are written into every
+    checkpoint by the main process (the trainer puts ``compat.json`` there).
+    """
 
     def __init__(
         self, run_dir: Path, monitor: str, mode: Literal["max", "min"], keep_top_k: int
     ) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_top_k = keep_top_k
+        self.extra_files: dict[str, str] = {}
         existing = Ledger.read(self.root)
         self.ledger = existing or Ledger(monitor=monitor, mode=mode)
         # The monitor may change between runs; ranking always uses the current one.
@@ -134,40 +197,55 @@ class CheckpointManager:
         ema: torch.nn.Module | None,
         value: float | None,
     ) -> Path:
-        """Write checkpoint ``name`` atomically, update the ledger and prune.
+        """Write checkpoint ``name`` atomically and durably, update the ledger and prune.
 
         ``value`` is the monitored metric for epoch checkpoints (None for step checkpoints,
-        which never enter the top-k).
+        which never enter the top-k). Raises the same CheckpointError on every process when
+        the main process cannot write.
         """
         final = self.root / name
-        tmp = self.root / f".tmp-{name}"
-        if accelerator.is_main_process:
+        tmp = self.root / f"{TMP_PREFIX}{name}"
+
+        def make_tmp() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
+
+        share_from_main(accelerator, make_tmp)
         accelerator.save_state(str(tmp))
-        # Every process writes its RNG state into tmp: all must be done before it is renamed.
+        # Each process writes its own RNG state and makes it durable (the main process writes the
+        # rest, still in progress while others finish, so only it lists the folder, after the
+        # barrier); all files are complete before the main process renames the folder.
+        own = tmp / f"random_states_{accelerator.process_index}.pkl"
+        if own.is_file():
+            fsync_file(own)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+
+        def finish() -> Ledger:
+            for path in _files_of(tmp):
+                fsync_file(path)
             if ema is not None:
                 sd = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
                 save_file(sd, str(tmp / EMA_FILE))
+                fsync_file(tmp / EMA_FILE)
             atomic_write_text(tmp / STATE_FILE, state.to_json())
+            for extra, text in self.extra_files.items():
+                atomic_write_text(tmp / extra, text)
+            files = manifest(tmp)
+            fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            self._record(name, state, value)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            # Only the main process updated the ledger; the others read it back so that all agree
-            # on the best checkpoint (every process takes part in the test evaluation).
-            monitor, mode = self.ledger.monitor, self.ledger.mode
-            self.ledger = Ledger.read(self.root) or self.ledger
-            self.ledger.monitor, self.ledger.mode = monitor, mode
+            fsync_dir(self.root)
+            self._record(name, state, value, files)
+            return self.ledger
+
+        self.ledger = share_from_main(accelerator, finish)
         return final
 
-    def _record(self, name: str, state: TrainerState, value: float | None) -> None:
+    def _record(
+        self, name: str, state: TrainerState, value: float | None, files: dict[str, FileRecord]
+    ) -> None:
         ledger = self.ledger
         ledger.best = [e for e in ledger.best if e.name != name]
         if value is not None:
@@ -177,33 +255,246 @@ class CheckpointManager:
             ledger.best.sort(key=lambda e: sign * e.value)
             ledger.best = ledger.best[: self.keep_top_k]
         ledger.last = name
+        keep = set(ledger.names())
+        ledger.files[name] = files
+        ledger.files = {k: v for k, v in ledger.files.items() if k in keep}
         atomic_write_text(self.root / LEDGER, ledger.to_json())
-        keep = {ledger.last, *(e.name for e in ledger.best)}
         for child in self.root.iterdir():
             if child.is_dir() and child.name not in keep and not child.name.startswith("."):
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def find_resume_checkpoint(target: str, run_dir: Path) -> Path:
-    """Resolve ``train.resume``: 'auto' (latest of this run), a run directory, or a checkpoint."""
-    path = run_dir if target == "auto" else Path(target)
-    if (path / STATE_FILE).is_file():
-        return path
+def remove_orphans(run_dir: Path) -> list[str]:
+    """Delete ``checkpoints/.tmp-*`` folders left by a killed write; returns their names.
+
+    Call on the main process only, while holding the run lock (no other writer exists).
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        ledger_tmp = child.name.startswith(f".{LEDGER}.") and child.name.endswith(".tmp")
+        if child.name.startswith(TMP_PREFIX) or ledger_tmp:
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child.name)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def _recorded_files(ckpt: Path) -> dict[str, FileRecord] | None:
+    """The ledger's record of ``ckpt`` (None when no ledger lists it: older runs, copies)."""
+    try:
+        ledger = Ledger.read(ckpt.parent)
+    except CheckpointError:
+        return None
+    if ledger is None:
+        return None
+    return ledger.files.get(ckpt.name)
+
+
+def check_files(
+    ckpt: Path, names: list[str] | None = None, record: dict[str, FileRecord] | None = None
+) -> list[str]:
+    """Problems of a checkpoint's files against the ledger's sizes and hashes ([] = intact).
+
+    ``names`` limits the check to those files (export reads two of them). Each problem names
+    the file and what is wrong. A checkpoint no ledger lists is only checked for presence.
+    """
+    record = record if record is not None else _recorded_files(ckpt)
+    if record is None:
+        wanted = names or [MODEL_FILE, STATE_FILE]
+        return [f"{ckpt / n}: missing" for n in wanted if not (ckpt / n).is_file()]
+    problems = []
+    for rel in names or sorted(record):
+        path = ckpt / rel
+        want = record.get(rel)
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        if want is None:
+            continue
+        size = path.stat().st_size
+        if size != want["size"]:
+            kind = "truncated" if size < want["size"] else "longer than written"
+            problems.append(
+                f"{path}: {size:,} bytes, the ledger recorded {want['size']:,} ({kind})"
+            )
+        elif file_record(path)["sha256"] != want["sha256"]:
+            problems.append(f"{path}: content differs from the sha256 the ledger recorded")
+    return problems
+
+
+def verify_files(ckpt: Path, names: list[str] | None = None) -> int:
+    """Raise CheckpointError naming every damaged file; returns how many files were verified."""
+    problems = check_files(ckpt, names)
+    if problems:
+        raise CheckpointError(f"{ckpt.name} is damaged: " + "; ".join(problems))
+    record = _recorded_files(ckpt)
+    return len(names or record or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing what to resume
+
+
+@dataclass
+class ResumeChoice:
+    """The checkpoint a resume will load, and why (printed by the trainer)."""
+
+    path: Path
+    state: TrainerState
+    verified_files: int
+    skipped: list[str] = field(default_factory=list)
+    """Newer checkpoints passed over because they are damaged (fallback only)."""
+
+    def describe(self) -> str:
+        s = self.state
+        where = (
+            f"epoch {s.epoch + 1}, batch {s.batches_done}"
+            if s.batches_done
+            else (f"start of epoch {s.epoch + 1}")
+        )
+        check = f"{self.verified_files} files verified" if self.verified_files else "unverified"
+        text = f"resumed from {self.path} ({where}, {s.updates} updates; {check})"
+        if self.skipped:
+            text += "; skipped damaged: " + ", ".join(self.skipped)
+        return text
+
+
+def _candidates(run_dir: Path, ledger: Ledger) -> list[tuple[Path, TrainerState | None]]:
+    """Ledger checkpoints: ``last`` first, then the others by update count, newest first."""
+    root = run_dir / "checkpoints"
+    out: list[tuple[Path, TrainerState | None]] = []
+    for name in ledger.names():
+        try:
+            state: TrainerState | None = TrainerState.from_file(root / name / STATE_FILE)
+        except CheckpointError:
+            state = None
+        out.append((root / name, state))
+    head, rest = out[:1], out[1:]
+    rest.sort(key=lambda ps: -(ps[1].updates if ps[1] else -1))
+    return head + rest
+
+
+def choose_resume(target: str, run_dir: Path, *, fallback: bool = False) -> ResumeChoice | None:
+    """Resolve ``train.resume`` to a verified checkpoint.
+
+    ``auto``: the ledger's last checkpoint of ``run_dir``; ``auto_or_new``: the same, or None
+    (a new run) when the folder has no checkpoint yet; otherwise a run folder or a checkpoint
+    folder. A damaged checkpoint is an error naming its files and the newest intact one; with
+    ``fallback`` that intact one is used instead.
+    """
+    auto = target in ("auto", "auto_or_new")
+    path = Path(run_dir) if auto else Path(target)
+    if not auto and (path / STATE_FILE).is_file():
+        return _verified_choice(path)
     ledger = Ledger.read(path / "checkpoints")
     if ledger is None or not ledger.last:
-        if target == "auto":
+        if target == "auto_or_new":
+            return None
+        if auto:
             raise CheckpointError(
-                f"--train.resume auto: no checkpoint in {run_dir / 'checkpoints'}; "
-                "start without --train.resume to begin a new run"
+                f"--train.resume {target}: no checkpoint in {path / 'checkpoints'}; start "
+                "without --train.resume (or with --train.resume auto_or_new) to begin a new run"
             )
         raise CheckpointError(
             f"--train.resume {target}: neither a checkpoint folder (no {STATE_FILE}) nor a run "
             "directory with checkpoints/ledger.json"
         )
-    ckpt = path / "checkpoints" / ledger.last
-    if not (ckpt / STATE_FILE).is_file():
-        raise CheckpointError(f"{ckpt}: checkpoint named in the ledger is missing or incomplete")
-    return ckpt
+    skipped: list[str] = []
+    damage: list[str] = []
+    for ckpt, state in _candidates(path, ledger):
+        problems = check_files(ckpt, record=ledger.files.get(ckpt.name))
+        if state is None and not problems:
+            problems = [f"{ckpt / STATE_FILE}: unreadable"]
+        if not problems and state is not None:
+            if skipped and not fallback:
+                raise CheckpointError(
+                    f"the newest checkpoint {skipped[0]} is damaged: {'; '.join(damage)}. The "
+                    f"newest intact one is {ckpt}: resume from it with --train.resume {ckpt} "
+                    "(or --train.resume_fallback true)"
+                )
+            verified = len(ledger.files.get(ckpt.name, {}))
+            return ResumeChoice(ckpt, state, verified, skipped)
+        skipped.append(ckpt.name)
+        damage.extend(problems)
+    raise CheckpointError(
+        f"every checkpoint of {path} is damaged: {'; '.join(damage)}; start over with "
+        "--train.overwrite true"
+    )
+
+
+def _verified_choice(ckpt: Path) -> ResumeChoice:
+    verified = verify_files(ckpt)
+    return ResumeChoice(ckpt, TrainerState.from_file(ckpt / STATE_FILE), verified)
+
+
+def find_resume_checkpoint(target: str, run_dir: Path, *, fallback: bool = False) -> Path:
+    """The checkpoint folder ``train.resume`` names (see :func:`choose_resume`)."""
+    target = "auto" if target == "auto_or_new" else target
+    choice = choose_resume(target, run_dir, fallback=fallback)
+    assert choice is not None
+    return choice.path
+
+
+def plan_start(run_dir: Path, resume: str, overwrite: bool, fallback: bool) -> ResumeChoice | None:
+    """Decide how a run starts in ``run_dir``: a verified resume, or a new run (None).
+
+    A new run in a folder that has checkpoints is refused unless ``overwrite`` (the caller then
+    deletes them with :func:`clear_checkpoints` once the new run's input is known to be good).
+    Reads only. Call on the main process, holding the run lock.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        return choose_resume(resume, run_dir, fallback=fallback)
+    if (run_dir / "checkpoints" / LEDGER).exists() and not overwrite:
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints of an earlier run. Resume it with "
+            "--train.resume auto, start over with --train.overwrite true, or pick another "
+            "--train.output_dir."
+        )
+    return None
+
+
+def clear_checkpoints(run_dir: Path) -> bool:
+    """``--train.overwrite``: delete an earlier run's checkpoints and metrics.jsonl (main
+    process, holding the run lock); True if there was anything to delete."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return False
+    shutil.rmtree(root)
+    (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    return True
+
+
+def load_checkpoint(accelerator: Any, ckpt: Path, ema: Any | None) -> TrainerState:
+    """Load Accelerate's state, the EMA weights and the trainer state of a (verified) checkpoint.
+
+    A file that does not load (e.g. written by an incompatible library version) is a
+    CheckpointError naming the checkpoint, not a raw traceback.
+    """
+    if ema is not None and not (ckpt / EMA_FILE).is_file():
+        raise CheckpointError(f"{ckpt}: no {EMA_FILE}, but ema.enabled is true")
+    try:
+        accelerator.load_state(str(ckpt))
+        if ema is not None:
+            ema.module.load_state_dict(load_weights(ckpt, "ema", verify=False))
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{ckpt}: cannot load ({type(err).__name__}: {err})") from err
+    return TrainerState.from_file(ckpt / STATE_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export side
 
 
 def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
@@ -224,19 +515,27 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
     return root / ledger.last
 
 
-def load_weights(ckpt: Path, weights: Literal["ema", "raw"]) -> dict[str, torch.Tensor]:
-    """The model state dict stored in a checkpoint folder (EMA or raw), safetensors only."""
-    if weights == "ema":
-        path = ckpt / EMA_FILE
-        if not path.is_file():
+def load_weights(
+    ckpt: Path, weights: Literal["ema", "raw"], *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The model state dict stored in a checkpoint folder (EMA or raw), safetensors only.
+
+    With ``verify`` the file (and the trainer state) is first checked against the ledger.
+    """
+    name = EMA_FILE if weights == "ema" else MODEL_FILE
+    path = ckpt / name
+    if not path.is_file():
+        if weights == "ema":
             raise CheckpointError(
                 f"{ckpt}: no EMA weights ({EMA_FILE}); the run had ema.enabled=false, "
                 "export with --weights raw"
             )
-        sd = load_file(str(path))
-        # ModelEmaV3.state_dict() keys carry the "module." prefix of its wrapped copy.
-        return {k.removeprefix("module."): v for k, v in sd.items()}
-    path = ckpt / MODEL_FILE
-    if not path.is_file():
         raise CheckpointError(f"{ckpt}: no {MODEL_FILE}")
-    return load_file(str(path))
+    if verify:
+        verify_files(ckpt, [name, STATE_FILE] if (ckpt / STATE_FILE).is_file() else [name])
+    try:
+        sd = load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path}: cannot read ({err})") from err
+    # ModelEmaV3.state_dict() keys carry the "module." prefix of its wrapped copy.
+    return {k.removeprefix("module."): v for k, v in sd.items()} if weights == "ema" else sd

@@ -244,7 +244,12 @@ class TrainConfig:
     output_dir: str = ""
     """Run directory (empty: runs/<recipe name>)."""
     resume: str = ""
-    """Resume from a run directory or checkpoint folder, or 'auto' (latest of output_dir)."""
+    """Resume from a run directory or checkpoint folder, 'auto' (latest of output_dir), or
+    'auto_or_new' (latest if there is one, else a new run: for job schedulers)."""
+    resume_force: bool = False
+    """Resume even though settings that the checkpoint depends on changed (recorded)."""
+    resume_fallback: bool = False
+    """If the newest checkpoint is damaged, resume from the newest intact one."""
     overwrite: bool = False
     """Allow starting a fresh run in an output_dir that already has checkpoints."""
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
@@ -255,6 +260,8 @@ class TrainConfig:
     """Cap on train batches per epoch (0: the whole loader); for smoke runs and benchmarks."""
     checkpoint_every_updates: int = 0
     """Also save a 'last' checkpoint every N optimizer updates (0: only at epoch ends)."""
+    checkpoint_every_minutes: float = 5.0
+    """Also save a 'last' checkpoint when this many minutes passed since the last one (0: off)."""
     keep_top_k: int = 3
     """Best checkpoints kept by the monitored metric (plus 'last')."""
     monitor: str = "val/acc_top1"

@@ -101,6 +101,11 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         t.checkpoint_every_updates,
     )
     need(
+        t.checkpoint_every_minutes >= 0,
+        "train.checkpoint_every_minutes must be >= 0 (0: no time-based checkpoints)",
+        t.checkpoint_every_minutes,
+    )
+    need(
         t.max_batches_per_epoch >= 0,
         "train.max_batches_per_epoch must be >= 0",
         t.max_batches_per_epoch,

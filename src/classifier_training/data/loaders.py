@@ -2,10 +2,10 @@
 
 Train: ``shuffle=True`` when no weighted sampler (Accelerate's seedable sampler replaces the
 ``RandomSampler``), otherwise the :class:`WeightedClassSampler`; see ``drop_single_sample_batch``.
-Val/test:
-in order, ``eval_batch_size`` (or ``batch_size``). Workers persist for train and val (used every
-epoch), not for test (used once). No ``worker_init_fn``: train-time randomness is
-seeded per sample from ``(seed, epoch, index)``, see :mod:`classifier_training.data.dataset`.
+Val/test: in order, ``eval_batch_size`` (or ``batch_size``). Workers persist for train and val
+(used every epoch), not for test (used once). Train-time randomness is seeded per sample from
+``(seed, epoch, index)``, see :mod:`classifier_training.data.dataset`; the ``worker_init_fn``
+only makes workers ignore SIGTERM/SIGINT (the trainer handles them, see ``preemption``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from classifier_training.data.dataset import ImageDataset, Item, drop_single_sam
 from classifier_training.data.imbalance import WeightedClassSampler, build_sampler
 from classifier_training.data.index import DataError, DatasetIndex, index_dataset
 from classifier_training.data.validate import check_dataset
+from classifier_training.preemption import ignore_stop_signals
 from classifier_training.recipe import DataConfig
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def _loader(
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=persistent and cfg.num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
     )
 
 

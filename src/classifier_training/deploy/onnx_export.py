@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import save_model
 
 import classifier_training
+from classifier_training.bundle_dir import check_out_dir, install_bundle, staging_dir
 from classifier_training.checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -52,6 +53,7 @@ from classifier_training.checkpoint import (
     load_weights,
     resolve_checkpoint,
 )
+from classifier_training.compat import code_version
 from classifier_training.data.index import DataError, Sample, index_split
 from classifier_training.data.labels import read_labels_mapping, write_labels_mapping
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
@@ -414,6 +416,7 @@ def export_run(
     """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else ExportConfig()
+    out_dir = check_out_dir(out if out is not None else run_dir / "export", run_dir)
     if cfg.verify_images < 1:
         raise ExportError(
             f"verify_images={cfg.verify_images}: verification is part of the export and needs at "
@@ -467,12 +470,7 @@ def export_run(
     norm = mapping["normalization"]
     x = to_nchw_float(_load_images(samples, image_size), norm["mean"], norm["std"])
 
-    out_dir = Path(out) if out is not None else run_dir / "export"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging_dir(out_dir)
     try:
         metadata = {
             "idx_to_class": json.dumps(mapping["idx_to_class"]),
@@ -519,6 +517,7 @@ def export_run(
             "data": {"root": str(root), "verify_split": verify_split},
             "verification": report,
             "versions": _versions(),
+            "code_version": code_version(),
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         atomic_write_json(tmp / EXPORT_INFO_FILE, info)
@@ -533,9 +532,5 @@ def export_run(
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp``: the old bundle is moved aside first, removed last."""
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Replace ``final`` by ``tmp`` (see :mod:`classifier_training.bundle_dir`)."""
+    install_bundle(tmp, final)

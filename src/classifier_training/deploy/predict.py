@@ -3,7 +3,9 @@
     python -m classifier_training.deploy.predict --model runs/<name>/export a.jpg b.jpg --top-k 3
 
 Prints one JSON document: ``[{"image": path, "predictions": [{"class_id", "label",
-"confidence"}, ...]}, ...]`` with softmax confidences, most confident first.
+"confidence"}, ...]}, ...]`` with softmax confidences, most confident first. An image that
+cannot be read is reported on stderr (one line each) and left out; the others are still
+classified, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -36,24 +38,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         print("error: --top-k and --batch-size must be >= 1", file=sys.stderr)
         return 2
+    failed = 0
     try:
         clf = OnnxClassifier(args.model, args.labels)
         results = []
         for start in range(0, len(args.images), args.batch_size):
-            paths = args.images[start : start + args.batch_size]
-            images = []
-            for path in paths:
+            paths, images = [], []
+            for path in args.images[start : start + args.batch_size]:
                 try:
                     images.append(open_rgb(path))
+                    paths.append(path)
                 except (OSError, ValueError) as err:
-                    raise ValueError(f"{path}: cannot read image: {err}") from err
+                    failed += 1
+                    print(f"error: {path}: cannot read image: {err}", file=sys.stderr)
+            if not images:
+                continue
             for path, preds in zip(paths, clf.predict(images, args.top_k), strict=True):
                 results.append({"image": str(Path(path)), "predictions": preds})
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(results, indent=2))
-    return 0
+    if failed:
+        print(f"{failed} of {len(args.images)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

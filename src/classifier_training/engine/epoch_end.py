@@ -30,6 +30,7 @@ def end_epoch(run: Run, state: TrainerState, epoch: int, val: Validation) -> boo
         _print_epoch(accelerator, val.metrics, cfg.monitor, state)
     if accelerator.trackers:
         accelerator.log(val.metrics, step=state.updates)
+    run.guard.after_epoch(run.checkpoints.last_path)  # a stop signal ends the run here
 
     patience = cfg.early_stop_patience
     if patience and state.epochs_without_improvement >= patience:

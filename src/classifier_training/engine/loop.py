@@ -91,10 +91,9 @@ def train_one_epoch(
         correct += (out.logits.argmax(1) == batch["target"]).sum()
         seen += len(batch["target"])
         _report_step(run, state, out, len(batch["target"]))
-        if periodic_due(out.updated, state.updates, recipe.train.checkpoint_every_updates):
-            run.checkpoints.save(
-                accelerator, f"step-{state.updates:07d}", state, run.ema_module(), None
-            )
+        # Step checkpoint every N updates, every M minutes or on SIGTERM/SIGINT (then stops).
+        periodic = periodic_due(out.updated, state.updates, recipe.train.checkpoint_every_updates)
+        run.guard.after_batch(run, state, periodic)
         for callback in callbacks:
             callback.on_batch_end(state, out.updated)
     images_per_s = run.progress.end_epoch()

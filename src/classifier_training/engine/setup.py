@@ -7,7 +7,6 @@ restores Accelerate's state (weights, optimizer, RNG), the EMA and the ``Trainer
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -19,14 +18,7 @@ from timm.utils.model_ema import ModelEmaV3
 
 from classifier_training.augment.pipeline import BatchAugment
 from classifier_training.augment.presets import resolve
-from classifier_training.checkpoint import (
-    EMA_FILE,
-    CheckpointError,
-    CheckpointManager,
-    TrainerState,
-    find_resume_checkpoint,
-    load_weights,
-)
+from classifier_training.checkpoint import CheckpointManager, TrainerState, load_checkpoint
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.index import DatasetIndex
 from classifier_training.data.labels import labels_mapping, write_labels_mapping
@@ -42,6 +34,7 @@ from classifier_training.optim import (
     updates_per_epoch,
 )
 from classifier_training.recipe import Recipe, recipe_to_dict, save_recipe
+from classifier_training.run_folder import RunGuard
 from classifier_training.runtime import build_accelerator
 from classifier_training.tracking import MetricsLog, Progress, init_wandb
 
@@ -80,27 +73,11 @@ class Run:
     progress: Progress
     hooks: tuple[Hook, ...]
     ctx: FitContext
+    guard: RunGuard  # the run folder's lock, stop signals, step-checkpoint cadence
 
     def ema_module(self) -> torch.nn.Module | None:
         """The EMA weights' module (what checkpoints store as ``ema``), or None."""
         return self.ema.module if self.ema is not None else None
-
-
-def prepare_run_dir(recipe: Recipe) -> Path:
-    """Create the run directory; refuse to silently mix a new run into an old one's checkpoints."""
-    run_dir = recipe.run_dir
-    has_checkpoints = (run_dir / "checkpoints" / "ledger.json").exists()
-    if has_checkpoints and not recipe.train.resume:
-        if not recipe.train.overwrite:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints of an earlier run. Resume it with "
-                "--train.resume auto, start over with --train.overwrite true, or pick another "
-                "--train.output_dir."
-            )
-        shutil.rmtree(run_dir / "checkpoints")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
@@ -108,14 +85,25 @@ def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
 
     Returns the frozen bundle and the trainer state (fresh, or the checkpoint's on resume).
     Side effects: the run folder with ``recipe.yaml`` and ``labels_mapping.json``, seeded RNGs,
-    and the W&B tracker when enabled.
+    and the W&B tracker when enabled. The run folder stays locked until ``run.guard`` closes
+    (``train`` closes it; so does a failing setup).
     """
     accelerator = build_accelerator(recipe, recipe.run_dir)
+    guard = RunGuard(accelerator, recipe)  # lock, then resume / refuse / overwrite
+    try:
+        return _setup(recipe, accelerator, guard)
+    except BaseException:
+        guard.close()
+        raise
+
+
+def _setup(recipe: Recipe, accelerator: Accelerator, guard: RunGuard) -> tuple[Run, TrainerState]:
     # Every image is decoded (the main process first, the others then hit the check's cache)
     # before anything is written: bad input stops here and leaves the run folder as it was.
     with accelerator.main_process_first():
         index = load_index(recipe.data, recipe.train.monitor)
-    run_dir = prepare_run_dir(recipe)
+    run_dir = recipe.run_dir
+    guard.admit(index)  # a resume is checked against its checkpoint before anything is written
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir / "recipe.yaml")
     class_names = _labels(recipe, accelerator, run_dir, index)
@@ -134,8 +122,9 @@ def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
     checkpoints = CheckpointManager(
         run_dir, recipe.train.monitor, recipe.train.monitor_mode, recipe.train.keep_top_k
     )
+    guard.attach(checkpoints)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    state = _restore(recipe, run_dir, accelerator, parts.ema, metrics_log)
+    state = _restore(guard, accelerator, parts.ema, metrics_log)
     parts.scheduler.step_update(state.updates)
     state.wandb_run_id = init_wandb(
         accelerator,
@@ -175,6 +164,7 @@ def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
         ),
         hooks=tuple(build_hooks(recipe.hooks.enabled)),
         ctx=ctx,
+        guard=guard,
         **parts._asdict(),
     )
     return run, state
@@ -281,29 +271,17 @@ def _build_ema(
 
 
 def _restore(
-    recipe: Recipe,
-    run_dir: Path,
-    accelerator: Accelerator,
-    ema: ModelEmaV3 | None,
-    metrics_log: MetricsLog,
+    guard: RunGuard, accelerator: Accelerator, ema: ModelEmaV3 | None, metrics_log: MetricsLog
 ) -> TrainerState:
-    """A fresh state, or on resume: Accelerate's state, the EMA weights and the trainer state.
+    """A fresh state, or on resume: Accelerate's state, the EMA weights and the trainer state
+    of the checkpoint the guard chose and verified.
 
     ``metrics.jsonl`` loses the lines of epochs after the checkpoint (they will be replayed).
     """
-    if not recipe.train.resume:
+    if guard.choice is None:
         return TrainerState()
-    ckpt = find_resume_checkpoint(recipe.train.resume, run_dir)
-    accelerator.load_state(str(ckpt))
-    state = TrainerState.from_file(ckpt / "trainer_state.json")
-    if ema is not None:
-        if not (ckpt / EMA_FILE).is_file():
-            raise CheckpointError(f"{ckpt}: no {EMA_FILE}, but ema.enabled is true")
-        ema.module.load_state_dict(load_weights(ckpt, "ema"))
-    accelerator.print(
-        f"resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batches_done}, "
-        f"{state.updates} updates"
-    )
+    state = guard.resumed_position(load_checkpoint(accelerator, guard.choice.path, ema))
+    accelerator.print(guard.choice.describe())
     if accelerator.is_main_process:
         metrics_log.truncate_after(state.epoch)
     return state
