@@ -209,6 +209,9 @@ class AugmentConfig:
     """jersey: the reference's final recipe without flips; imagenet: crop+flip+jitter; none."""
     crop_scale_min: float | None = None
     """Smallest random-resized-crop area as a fraction of the image (jersey: 0.08)."""
+    orientation_sensitive: bool | None = None
+    """true: a mirror image means something else (digits, text): never flip; false: flip half
+    of the images; unset: the preset's (jersey: no flips, imagenet: flips)."""
     hflip_p: float | None = None
     """Horizontal flip probability (jersey: 0, it mirrors digits)."""
     rotate_degrees: float | None = None
