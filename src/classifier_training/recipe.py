@@ -285,6 +285,8 @@ class LoggingConfig:
     """W&B project."""
     run_name: str = ""
     """W&B run name (empty: the recipe name)."""
+    group: str = ""
+    """W&B group that collects related runs, e.g. the seeds of one recipe (empty: none)."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
     log_every: int = 20
