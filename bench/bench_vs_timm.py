@@ -198,7 +198,11 @@ def run_generic(args: argparse.Namespace, data: Path, seed: int, precision: str)
         "--augment.orientation_sensitive", "true", "--logging.progress", "off",
     ]  # fmt: skip
     repeat.run_arm(
-        REPO / "recipes" / "generic.yaml", args.out / "generic", [seed], group="bench", extra=flags
+        [REPO / "recipes" / "generic.yaml"],
+        args.out / "generic",
+        [seed],
+        group="bench",
+        extra=flags,
     )
 
 

@@ -155,12 +155,10 @@ def test_run_cli_rejects_flags_it_sets_itself(capsys: pytest.CaptureFixture[str]
 # the real CLI, as the README writes it
 
 
-def readme_command(start: str) -> str:
-    """The README line (a ```bash block line) that starts with ``start``."""
+def readme_lines(start: str) -> list[str]:
+    """The README lines that start with ``start`` (commands of its bash blocks)."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    found = [line for line in lines if line.startswith(start)]
-    assert len(found) == 1, f"expected one README line starting with {start!r}, got {found}"
-    return found[0]
+    return [line for line in lines if line.startswith(start)]
 
 
 TINY = [
@@ -170,45 +168,60 @@ TINY = [
 ]  # fmt: skip
 
 
+def run_readme_line(
+    line: str, replace: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run a README ``python -m classifier_training.repeat ...`` line, words replaced, plus TINY."""
+    argv = [replace.get(word, word) for word in line.split()]
+    assert argv[:3] == ["python", "-m", "classifier_training.repeat"]
+    if argv[3] == "run":
+        argv += TINY  # after the line's own `-- --data.root ...`
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, *argv[1:]],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
-def test_repeat_cli_runs_two_seeds_of_two_arms_and_pairs_them(
+def test_readme_repeat_commands_run_pair_and_summarise(
     tmp_path: Path, make_imagefolder_dataset: Callable[..., Path]
 ) -> None:
     data = make_imagefolder_dataset(tmp_path / "data", classes=("a", "b", "c"))
-    line = readme_command("python -m classifier_training.repeat run --recipe recipes/generic.yaml")
-    assert line.endswith("-- --data.root /data/my-crops")
-    variant = tmp_path / "no_flip.yaml"
-    variant.write_text("name: no_flip\naugment:\n  orientation_sensitive: true\n")
-    out = tmp_path / "cmp"
-    argv = line.split()[3:]  # after `python -m classifier_training.repeat`
-    argv[argv.index("--seeds") + 1] = "2"
-    argv[argv.index("--out") + 1] = str(out)
-    argv[argv.index("/data/my-crops")] = str(data)
-    cut = argv.index("--")
-    argv = [*argv[:cut], "--compare", "recipes/generic.yaml", str(variant), *argv[cut:], *TINY]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "classifier_training.repeat", *argv],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False,
-    )  # fmt: skip
+    single, compare = readme_lines("python -m classifier_training.repeat run ")
+    (summarize_line,) = readme_lines("python -m classifier_training.repeat summarize ")
+    assert "--compare" not in single and "--compare" in compare
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # the README's relative paths
+    (tmp_path / "no_flips.yaml").write_text(
+        "name: no_flips\naugment:\n  orientation_sensitive: true\n"
+    )
+    replace = {"/data/my-crops": str(data), "3": "2"}  # --seeds 3 -> 2 on tiny data
+
+    proc = run_readme_line(single, replace, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "runs" / "repeat" / "flips"
+    first = json.loads((out / "summary.json").read_text())
+    assert list(first["arms"]) == ["generic"] and first["arms"]["generic"]["seeds"] == [0, 1]
+    assert "generic test/acc_top1: mean" in proc.stdout
+
+    # the comparison reuses the finished seeds of arm A and trains arm B on the same seeds
+    proc = run_readme_line(compare, replace, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("already finished, skipped") == 2
     report = json.loads((out / "summary.json").read_text())
-    assert set(report["arms"]) == {"generic", "generic+no_flip"}
+    assert set(report["arms"]) == {"generic", "generic+no_flips"}
     for arm in report["arms"].values():
-        assert arm["seeds"] == [0, 1]
-        assert arm["metrics"]["test/acc_top1"]["n"] == 2
+        assert arm["seeds"] == [0, 1] and arm["metrics"]["test/acc_top1"]["n"] == 2
         assert arm["metrics"]["wall_s"]["n"] == 2
     cmp = report["comparison"]
-    assert (cmp["a"], cmp["b"], cmp["seeds"]) == ("generic", "generic+no_flip", [0, 1])
-    assert "test/acc_top1: generic+no_flip - generic" in proc.stdout
+    assert (cmp["a"], cmp["b"], cmp["seeds"]) == ("generic", "generic+no_flips", [0, 1])
+    assert "test/acc_top1: generic+no_flips - generic" in proc.stdout
     # every seed is an ordinary run folder with the seed, group and flips it was given
-    run = yaml.safe_load((out / "generic+no_flip" / "seed-1" / "recipe.yaml").read_text())
+    run = yaml.safe_load((out / "generic+no_flips" / "seed-1" / "recipe.yaml").read_text())
     assert run["train"]["seed"] == 1 and run["augment"]["orientation_sensitive"] is True
-    assert run["logging"]["group"] == "cmp-generic+no_flip"
-    # running the same command again trains nothing and rewrites the same report
-    again = subprocess.run(
-        [sys.executable, "-m", "classifier_training.repeat", *argv],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert again.returncode == 0 and again.stdout.count("already finished, skipped") == 4
-    assert json.loads((out / "summary.json").read_text())["arms"] == report["arms"]
+    assert run["logging"]["group"] == "flips-generic+no_flips"
+
+    proc = run_readme_line(summarize_line, {}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((out / "generic" / "summary.json").read_text())
+    assert again["comparison"]["metrics"] == report["comparison"]["metrics"]
