@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from classifier_training.io import atomic_write_json, atomic_write_text
 from classifier_training.seedstats import (
     CONFIDENCE,
     Summary,
@@ -126,7 +125,7 @@ def run_arm(
         wall = time.perf_counter() - start
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"seed": seed, "returncode": returncode, "wall_s": wall, "command": cmd}
-        write_text_atomic(run_dir / RUN_INFO, json.dumps(record, indent=2) + "\n")
+        atomic_write_json(run_dir / RUN_INFO, record)
         if returncode != 0:
             raise RepeatError(
                 f"seed {seed} ({run_dir}) failed with exit code {returncode} (its output is "
@@ -245,8 +244,8 @@ def write_report(out: Path, arms: Mapping[str, Mapping[int, Mapping[str, float]]
     """Write ``out/summary.json`` and ``out/summary.md``; return the console text."""
     report = build_report(arms)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "summary.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out / "summary.md", format_markdown(report))
+    atomic_write_json(out / "summary.json", report, sort_keys=True)
+    atomic_write_text(out / "summary.md", format_markdown(report))
     text = []
     for name, arm in report["arms"].items():
         for key in KEY_METRICS:
@@ -260,22 +259,6 @@ def write_report(out: Path, arms: Mapping[str, Mapping[int, Mapping[str, float]]
     text += [verdicts[k] for k in KEY_METRICS if k in verdicts]
     text.append(f"wrote {out / 'summary.md'} and {out / 'summary.json'}")
     return "\n".join(text)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, fsync, rename (never a half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _num(v: object) -> str:
