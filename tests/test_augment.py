@@ -596,7 +596,8 @@ def test_save_preview_writes_a_valid_png(tmp_path: Path) -> None:
         image.verify()
     with Image.open(path) as image:
         assert image.format == "PNG" and image.mode == "RGB"
-        assert image.height == 4 * (32 + 2) and image.width > 5 * 32
+        # originals, the 10 ops of the jersey preset one by one, then 3 whole-pipeline draws
+        assert image.height == (1 + 10 + 3) * (32 + 2) and image.width > 5 * 32
     assert sorted(p.name for p in path.parent.iterdir()) == ["p.png"]  # no temp file left
     again = tmp_path / "again.png"
     save_preview(images, BatchAugment(jersey(), 32), again, rows=3)
@@ -614,11 +615,15 @@ def test_preview_cli_reads_the_recipe_dataset(tmp_path: Path) -> None:
     root = (tmp_path / "data").as_posix()
     recipe.write_text(f"data:\n  root: {root}\n  image_size: 32\naugment:\n  preset: jersey\n")
     out = tmp_path / "preview.png"
-    assert preview_main(["--recipe", str(recipe), "--out", str(out), "--n", "4"]) == 0
+    argv = ["--recipe", str(recipe), "--out", str(out), "--n", "4"]
+    assert preview_main([*argv, "--no-per-op"]) == 0
     with Image.open(out) as image:
         image.verify()
     with Image.open(out) as image:
         assert image.height == 5 * (32 + 2)
+    assert preview_main(argv) == 0
+    with Image.open(out) as image:
+        assert image.height == (5 + 10) * (32 + 2)
     empty = tmp_path / "empty.yaml"
     empty.write_text(f"data:\n  root: {(tmp_path / 'nothing').as_posix()}\n")
     with pytest.raises(FileNotFoundError, match="no images"):

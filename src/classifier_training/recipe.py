@@ -209,6 +209,9 @@ class AugmentConfig:
     """jersey: the reference's final recipe without flips; imagenet: crop+flip+jitter; none."""
     crop_scale_min: float | None = None
     """Smallest random-resized-crop area as a fraction of the image (jersey: 0.08)."""
+    orientation_sensitive: bool | None = None
+    """true: a mirror image means something else (digits, text): never flip; false: flip half
+    of the images; unset: the preset's (jersey: no flips, imagenet: flips)."""
     hflip_p: float | None = None
     """Horizontal flip probability (jersey: 0, it mirrors digits)."""
     rotate_degrees: float | None = None
@@ -289,6 +292,8 @@ class LoggingConfig:
     """W&B project."""
     run_name: str = ""
     """W&B run name (empty: the recipe name)."""
+    group: str = ""
+    """W&B group that collects related runs, e.g. the seeds of one recipe (empty: none)."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
     log_every: int = 20

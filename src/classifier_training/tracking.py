@@ -156,6 +156,8 @@ def init_wandb(
         "tags": list(cfg.tags),
         "resume": "allow",
     }
+    if cfg.group:
+        init_kwargs["group"] = cfg.group
     if run_id:
         init_kwargs["id"] = run_id
     for attempt in ("as configured", "offline"):

@@ -14,6 +14,10 @@ Conventions shared by every op:
   ``j`` centred at ``j + 0.5 - W/2``, so the image spans ``[-W/2, W/2] x [-H/2, H/2]``. A geometric
   stage is a float64 ``[B, 3, 3]`` *inverse* homography mapping output coordinates to input
   coordinates (what ``grid_sample`` needs); :func:`warp` composes stages and resamples once.
+- Parameters are in units of the image the op receives: blur and noise sigma in its pixels (noise
+  on the 0-255 scale), pixelate and down-up factors as fractions of its side. Presets state them
+  at a reference size; :meth:`~classifier_training.augment.presets.AugmentParams.at_size`
+  converts them before the ops are built, so the ops themselves know nothing of sizes.
 
 The parameter distributions follow torchvision's ``transforms.v2`` (RandomResizedCrop,
 RandomAffine, RandomPerspective, ColorJitter, GaussianBlur, RandomErasing) and the reference's PIL

@@ -10,6 +10,7 @@ index) makes a resumed run draw exactly the same augmentation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -72,6 +73,9 @@ class BatchAugment:
     perspective in one bilinear resampling) -> colour jitter -> blur -> degradation block
     (pixelate, down-up, noise, zoom; gated per sample by ``degrade_p``) -> normalise -> erasing.
     Ops whose parameters make them the identity are left out when the object is built.
+    Pixel strengths are rescaled from ``params.reference_size`` to ``size`` first
+    (:meth:`AugmentParams.at_size`); ``self.params`` keeps what was given, ``self.effective``
+    holds what the ops use.
     """
 
     def __init__(
@@ -92,7 +96,8 @@ class BatchAugment:
         self.std = tuple(float(v) for v in std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"BatchAugment: need 3 means and 3 positive stds, got {mean}, {std}")
-        p = params
+        self.effective = params.at_size(round(math.sqrt(self.size[0] * self.size[1])))
+        p = self.effective
 
         self.geometry: list[ops.GeometricOp] = []
         if p.crop_p > 0:

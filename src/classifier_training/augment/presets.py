@@ -13,6 +13,12 @@ JPEG re-compression runs in the loader workers at native size, not on the device
 gated by the device-side block draw: a worker applies JPEG with probability
 ``jpeg_effective_p = degrade_p * jpeg_p`` (the reference's marginal, 0.85 * 0.7 = 0.595 for
 ``jersey``), with a quality drawn uniformly from ``jpeg_quality`` (inclusive).
+
+Strengths measured in pixels (blur sigma and kernel, noise sigma, the pixelate and down-up
+factors) are stated at ``reference_size`` (224 px, where the reference tuned the jersey preset) and
+rescaled to the training size by :meth:`AugmentParams.at_size`, so a preset means the same thing
+at 32, 64 or 224 px; every other parameter is a fraction of the side or area, an angle or a colour
+factor, which no resize changes.
 """
 
 from __future__ import annotations
@@ -144,6 +150,10 @@ class AugmentParams:
     """Erased box aspect ratio range, sampled log-uniformly."""
     erase_value: float = 0.0
     """Value written into erased boxes (0 = the mean colour after normalisation)."""
+    # size
+    reference_size: int = 224
+    """Side (px) at which blur_sigma, blur_kernel, noise_sigma, pixelate_scale and downup_scale
+    are stated; rescaled to the training size by at_size (0: take them literally at any size)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -166,12 +176,9 @@ class AugmentParams:
         q = self.jpeg_quality
         if len(q) != 2 or not all(isinstance(v, int) for v in q) or not 1 <= q[0] <= q[1] <= 100:
             _fail(f"{name}.jpeg_quality", q, "need integers 1 <= min <= max <= 100")
-        _check_interval(
-            f"{name}.pixelate_scale", self.pixelate_scale, 0.0, 1.0, open_low=True, open_high=True
-        )
-        _check_interval(
-            f"{name}.downup_scale", self.downup_scale, 0.0, 1.0, open_low=True, open_high=True
-        )
+        # 1.0 is allowed: it keeps the image (what at_size gives where nothing is lost at that size)
+        _check_interval(f"{name}.pixelate_scale", self.pixelate_scale, 0.0, 1.0, open_low=True)
+        _check_interval(f"{name}.downup_scale", self.downup_scale, 0.0, 1.0, open_low=True)
         _check_interval(f"{name}.noise_sigma", self.noise_sigma, 0.0, 255.0)
         _check_interval(f"{name}.zoom_in_scale", self.zoom_in_scale, 0.0, 1.0, open_low=True)
         _check_interval(f"{name}.zoom_out_scale", self.zoom_out_scale, 1.0, 8.0)
@@ -181,6 +188,52 @@ class AugmentParams:
             f"{name}.erase_scale", self.erase_scale, 0.0, 1.0, open_low=True, open_high=True
         )
         _check_interval(f"{name}.erase_ratio", self.erase_ratio, 0.0, math.inf, open_low=True)
+        if isinstance(self.reference_size, bool) or not isinstance(self.reference_size, int):
+            _fail(f"{name}.reference_size", self.reference_size, "must be an integer")
+        _check_number(f"{name}.reference_size", self.reference_size, 0)
+
+    def at_size(self, size: int) -> AugmentParams:
+        """These parameters in pixel units at a ``size`` px image (``reference_size`` becomes size).
+
+        An op at size S should do what it does at the reference size R to the same content:
+        resize the image to R, apply the op there, resize back to S. With ``k = S / R``:
+
+        - Gaussian blur: a blur of sigma px at R is one of ``k * sigma`` px at S, so
+          ``blur_sigma_S = k * blur_sigma_R``; the kernel radius follows,
+          ``r_S = ceil(k * r_R)`` (``blur_kernel = 2 r + 1``), so the truncation stays at the
+          same number of sigmas or more (at R = 224: k7, sigma 0.5-3.5; at 64: k3, 0.14-1.0).
+        - Gaussian noise: averaging the (R/S)^2 pixels of R that make one pixel of S divides
+          i.i.d. noise by R/S, so ``noise_sigma_S = k * noise_sigma_R`` (capped at 255).
+        - Pixelate and bilinear down-up: at R the image is brought to ``n = f_R * R`` pixels a
+          side; seen at S that loss survives only where n < S, so ``f_S = min(1, f_R / k)``: the
+          degraded image keeps the same n pixels of detail at every size, and an image already
+          smaller than n is left alone (f = 1) instead of being degraded further.
+        - Everything else is size-free: crop, erasing and zoom are fractions of the area or
+          side, translation and perspective fractions of the side, rotation and shear angles,
+          colour jitter factors. JPEG runs in the loader on the decoded image, before any resize.
+
+        ``size`` is the side of a square input (the geometric mean of height and width for a
+        rectangular one). ``reference_size == 0`` returns the parameters unchanged.
+        """
+        if size < 1:
+            raise ValueError(f"AugmentParams.at_size: size must be >= 1, got {size}")
+        if self.reference_size == 0 or size == self.reference_size:
+            return self
+        k = size / self.reference_size
+        radius = math.ceil(k * (self.blur_kernel // 2) - 1e-9)
+
+        def survives(scale: tuple[float, float]) -> tuple[float, float]:
+            return (min(1.0, scale[0] / k), min(1.0, scale[1] / k))
+
+        return dataclasses.replace(
+            self,
+            blur_sigma=(self.blur_sigma[0] * k, self.blur_sigma[1] * k),
+            blur_kernel=2 * max(radius, 0) + 1,
+            noise_sigma=(min(255.0, self.noise_sigma[0] * k), min(255.0, self.noise_sigma[1] * k)),
+            pixelate_scale=survives(self.pixelate_scale),
+            downup_scale=survives(self.downup_scale),
+            reference_size=size,
+        )
 
     @property
     def jpeg_effective_p(self) -> float:
@@ -202,6 +255,8 @@ def imagenet() -> AugmentParams:
 
 def jersey() -> AugmentParams:
     """The reference's final jersey-number recipe (REFERENCE.md 2.1), never flipped.
+
+    Pixel strengths as the reference set them at 224 px; other sizes rescale them (at_size).
 
     Crop (0.08-1, 3/4-4/3) -> affine 25 deg / 0.1 / 0.85-1.15 / shear 15 -> perspective 0.3 at
     p 0.4 -> jitter 0.2/0.2/0.2/0.1 -> blur k7 sigma 0.5-3.5 always -> with p 0.85: JPEG q5-55
@@ -243,8 +298,9 @@ def resolve(cfg: AugmentConfig) -> AugmentParams:
     """The recipe's ``augment`` section as parameters: the named preset, then every override.
 
     Each field of ``cfg`` that is not None replaces the preset's value; ``color_jitter`` sets
-    brightness, contrast and saturation (hue keeps the preset's). Raises ValueError naming the
-    ``augment.<field>`` that is out of range.
+    brightness, contrast and saturation (hue keeps the preset's); ``orientation_sensitive``
+    sets ``hflip_p`` to 0 (true) or 0.5 (false) unless ``hflip_p`` itself is given. Raises
+    ValueError naming the ``augment.<field>`` that is out of range or contradicts another.
     """
     factory = PRESETS.get(cfg.preset)
     if factory is None:
@@ -267,6 +323,15 @@ def resolve(cfg: AugmentConfig) -> AugmentParams:
                 changes.update(brightness=value, contrast=value, saturation=value)
             else:
                 changes[name] = value
+    if cfg.orientation_sensitive is not None:
+        hflip = changes.get("hflip_p")
+        if cfg.orientation_sensitive and hflip:
+            raise ValueError(
+                f"augment.hflip_p = {hflip} contradicts augment.orientation_sensitive = true "
+                "(a flip changes what the image shows); drop one of them"
+            )
+        if "hflip_p" not in changes:
+            changes["hflip_p"] = 0.0 if cfg.orientation_sensitive else 0.5
     if cfg.crop_scale_min is not None:
         low = float(cfg.crop_scale_min)
         _check_number("augment.crop_scale_min", low, 1e-3, 1.0)
