@@ -322,8 +322,13 @@ class HooksConfig:
     """Hooks to run, by name."""
     sample_grid: int = 16
     """Images in the sample-predictions grid."""
-    confusion_every: int = 1
-    """Write the confusion matrix every N epochs (and always at the last one)."""
+    confusion_every: int = 10
+    """Draw the confusion matrices every N epochs (and always at the best and last epochs)."""
+    near_duplicate_distance: int = 4
+    """dataset_stats: report cross-split image pairs whose 64-bit dHash differs in at most this
+    many bits (-1 skips the check)."""
+    fail_on_near_duplicates: bool = False
+    """dataset_stats: stop before training when such cross-split pairs exist (a leak)."""
 
 
 @dataclass

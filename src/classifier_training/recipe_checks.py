@@ -114,6 +114,11 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         recipe.loss.label_smoothing,
     )
     need(recipe.logging.log_every >= 1, "logging.log_every must be >= 1", recipe.logging.log_every)
+    need(
+        -1 <= recipe.hooks.near_duplicate_distance <= 64,
+        "hooks.near_duplicate_distance must be in [-1, 64] (-1: no check)",
+        recipe.hooks.near_duplicate_distance,
+    )
     if d.sampler == "manual" and not d.sampler_weights:
         problems.append("data.sampler=manual needs data.sampler_weights {label: weight}")
     for problem in (_monitor_problem(recipe), _arch_problem(recipe.model.arch)):
