@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from classifier_training.data.index import DataError, index_dataset
+from classifier_training.evaluation import EvalResult
 from classifier_training.hooks.augment_preview import spread_over_classes
-from classifier_training.hooks.base import EvalResult, FitContext
+from classifier_training.hooks.base import FitContext
 from classifier_training.hooks.confusion_matrix import (
     ConfusionMatrixHook,
     draw_reasons,
