@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from classifier_training.data.index import DataError, index_dataset
+from classifier_training.display import natural_key, natural_order
 from classifier_training.evaluation import EvalResult
 from classifier_training.hooks.augment_preview import spread_over_classes
 from classifier_training.hooks.base import FitContext
@@ -24,7 +25,6 @@ from classifier_training.hooks.confusion_matrix import (
     plot_confusion,
 )
 from classifier_training.hooks.dataset_stats import DatasetStatsHook
-from classifier_training.hooks.display import natural_key, natural_order
 from classifier_training.hooks.history import (
     HistoryHook,
     lr_per_update,

@@ -23,6 +23,7 @@ tolerance is deleted again (never written into the bundle), with the reason.
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import tempfile
@@ -87,9 +88,15 @@ def set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
 def convert_fp16(src: Path, dst: Path) -> None:
     """float16 copy of ``src`` with float32 graph inputs and outputs (casts at the edges)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    _save_atomic(proto, dst)
+    # The converter appends the input casts at the end of the node list; onnxruntime does not
+    # mind, but onnx.checker (which a consumer may run) requires topological order.
+    model = OnnxModel(proto)
+    model.topological_sort()
+    onnx.checker.check_model(model.model, full_check=True)
+    _save_atomic(model.model, dst)
 
 
 def quantize_int8(src: Path, dst: Path, batches: Iterable[npt.NDArray[np.float32]]) -> int:
@@ -109,10 +116,17 @@ def quantize_int8(src: Path, dst: Path, batches: Iterable[npt.NDArray[np.float32
             return None if batch is None else {self.input_name: batch}
 
     seen = 0
+    source = iter(batches)
+    first = next(source, None)
+    if first is None:
+        raise VariantError(
+            "INT8 calibration needs training images, but none were given (is the train split "
+            "there?)"
+        )
 
     def counted() -> Iterator[npt.NDArray[np.float32]]:
         nonlocal seen
-        for batch in batches:
+        for batch in itertools.chain([first], source):
             seen += len(batch)
             yield np.ascontiguousarray(batch, dtype=np.float32)
 
@@ -123,9 +137,9 @@ def quantize_int8(src: Path, dst: Path, batches: Iterable[npt.NDArray[np.float32
         out = Path(work) / "int8.onnx"
         quant_pre_process(str(src), str(pre))
         quantize_static(str(pre), str(out), reader, per_channel=True)
-        if seen == 0:
-            raise VariantError("INT8 calibration needs training images, but none were given")
-        _save_atomic(onnx.load(str(out)), dst)
+        proto = onnx.load(str(out))
+        onnx.checker.check_model(proto, full_check=True)
+        _save_atomic(proto, dst)
     return seen
 
 

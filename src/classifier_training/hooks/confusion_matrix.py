@@ -24,9 +24,9 @@ import numpy.typing as npt
 import torch
 from matplotlib.figure import Figure
 
+from classifier_training.display import natural_order
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.io import atomic_write_json, save_figure
-from classifier_training.hooks.display import natural_order
 
 TOP_PAIRS = 20
 """Confused pairs kept in the JSON (the console shows the first 5)."""

@@ -25,9 +25,9 @@ import numpy.typing as npt
 from matplotlib.figure import Figure, FigureBase
 
 from classifier_training.data.preprocess import eval_image, open_rgb
+from classifier_training.display import natural_order
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.io import save_figure
-from classifier_training.hooks.display import natural_order
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 COLUMNS = 8
