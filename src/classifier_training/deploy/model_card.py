@@ -26,11 +26,14 @@ x0, y0 = round((img.width - s) / 2), round((img.height - s) / 2)
 x = np.asarray(img.crop((x0, y0, x0 + s, y0 + s)), np.float32) / 255
 x = ((x - m["normalization"]["mean"]) / m["normalization"]["std"]).astype(np.float32)
 sess = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-logits = sess.run(["logits"], {"input": x.transpose(2, 0, 1)[None].copy()})[0][0]
-cal = m.get("calibration") or {"temperature": 1.0, "threshold": 0.0}
-p = np.exp((logits - logits.max()) / cal["temperature"]); p /= p.sum()
-label = m["idx_to_class"][str(int(p.argmax()))]
-print(label if p.max() >= cal["threshold"] else "unknown", round(float(p.max()), 3))
+logits = sess.run(["logits"], {"input": x.transpose(2, 0, 1)[None].copy()})[0]
+print(m["idx_to_class"][str(int(logits.argmax()))])
+"""
+
+CALIBRATED_SNIPPET = """\
+cal = m["calibration"]  # fitted at export: temperature and abstain threshold
+p = np.exp((logits[0] - logits.max()) / cal["temperature"]); p /= p.sum()
+print("unknown" if p.max() < cal["threshold"] else m["idx_to_class"][str(int(p.argmax()))])
 """
 
 PRECISION_NOTES = {
@@ -193,6 +196,19 @@ def model_card(
         USAGE_SNIPPET.rstrip("\n"),
         "```",
         "",
+        *(
+            [
+                "Calibrated confidence, answering `unknown` below the abstain threshold "
+                "(continue the snippet above):",
+                "",
+                "```python",
+                CALIBRATED_SNIPPET.rstrip("\n"),
+                "```",
+                "",
+            ]
+            if info.get("calibration")
+            else []
+        ),
         "## Verification",
         "",
         f"onnxruntime ({ver['provider']}) vs PyTorch on {ver['n_images']} real "

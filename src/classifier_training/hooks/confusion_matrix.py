@@ -106,6 +106,19 @@ def plot_confusion(
     return fig
 
 
+def write_confusion_figures(
+    cm: npt.NDArray[np.int64], class_names: list[str], head: str, out: Path
+) -> dict[str, Path]:
+    """Draw and save both heat maps into ``out`` (plain inputs -> files)."""
+    fig = plot_confusion(cm, class_names, f"Confusion matrix (counts)\n{head}", normalize=False)
+    counts_png = save_figure(fig, out / FILES[0], dpi=DPI)
+    fig = plot_confusion(
+        cm, class_names, f"Confusion matrix (rows normalised to 1)\n{head}", normalize=True
+    )
+    norm_png = save_figure(fig, out / FILES[1], dpi=DPI)
+    return {"val/confusion_matrix": counts_png, "val/confusion_matrix_normalized": norm_png}
+
+
 def draw_reasons(epoch: int, every: int, is_best: bool, is_last: bool) -> list[str]:
     """Why epoch ``epoch`` (0-based) gets matrices: any of "best", "every N", "last"."""
     reasons = ["best"] if is_best else []
@@ -144,12 +157,7 @@ class ConfusionMatrixHook(Hook):
             f"epoch {ctx.epoch + 1} ({', '.join(reasons)}), {ev.weights} weights, {ev.split}: "
             f"top-1 {correct / total:.3f} ({correct}/{total})"
         )
-        fig = plot_confusion(cm, names, f"Confusion matrix (counts)\n{head}", normalize=False)
-        counts_png = save_figure(fig, out / FILES[0], dpi=DPI)
-        fig = plot_confusion(
-            cm, names, f"Confusion matrix (rows normalised to 1)\n{head}", normalize=True
-        )
-        norm_png = save_figure(fig, out / FILES[1], dpi=DPI)
+        logged = write_confusion_figures(cm, names, head, out)
         pairs = confused_pairs(cm, names)
         atomic_write_json(
             out / FILES[2],
@@ -172,6 +180,4 @@ class ConfusionMatrixHook(Hook):
                 for d in pairs[:5]
             )
             ctx.accelerator.print(f"most confused (true->predicted): {shown}")
-        ctx.log_images(
-            {"val/confusion_matrix": counts_png, "val/confusion_matrix_normalized": norm_png}
-        )
+        ctx.log_images(logged)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,26 +199,54 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _lr_figure(recipe: Recipe, rows: Sequence[dict[str, Any]]) -> Figure:
-    """Per-update plot when the rows carry ``updates``; else the per-epoch series."""
-    last = rows[-1]
-    if not isinstance(last.get("updates"), (int, float)) or not last.get("epoch"):
-        return plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True)
-    upe = max(1, round(float(last["updates"]) / float(last["epoch"])))
-    warmup = min(round(recipe.schedule.warmup_epochs * upe), recipe.train.epochs * upe - 1)
-    logged = [
-        (float(r["updates"]), float(r["train/lr"]))
-        for r in rows
-        if isinstance(r.get("updates"), (int, float)) and isinstance(r.get("train/lr"), float)
-    ]
-    schedule = lr_per_update(recipe, upe)
-    return plot_lr(schedule, int(last["updates"]), upe, warmup, logged)
+@dataclass(frozen=True)
+class LrPlan:
+    """What :func:`plot_lr` needs: the schedule and where the run is on it."""
+
+    schedule: list[float]
+    updates_done: int
+    updates_per_epoch: int
+    warmup_updates: int
+    logged: list[tuple[float, float]]
+
+
+def write_history_figures(rows: list[dict[str, Any]], lr: LrPlan | None, out: Path) -> None:
+    """Draw and save the three curves into ``out`` (plain inputs -> files); ``lr`` None draws
+    the logged per-epoch learning rate instead of the per-update one."""
+    save_figure(plot_series(rows, LOSS_KEYS, "Loss", "loss"), out / "loss.png")
+    save_figure(plot_series(rows, ACC_KEYS, "Accuracy", "accuracy"), out / "accuracy.png")
+    if lr is None:
+        fig = plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True)
+    else:
+        fig = plot_lr(
+            lr.schedule, lr.updates_done, lr.updates_per_epoch, lr.warmup_updates, lr.logged
+        )
+    save_figure(fig, out / "lr.png")
 
 
 class HistoryHook(Hook):
     """Redraws loss, accuracy and learning-rate curves and ``results.csv`` at every epoch end."""
 
     name = "history"
+
+    def __init__(self) -> None:
+        self._schedule: tuple[int, list[float]] | None = None  # (updates per epoch, lr per update)
+
+    def lr_plan(self, recipe: Recipe, rows: Sequence[dict[str, Any]]) -> LrPlan | None:
+        """The per-update plan when the rows carry ``updates`` (the schedule is computed once)."""
+        last = rows[-1]
+        if not isinstance(last.get("updates"), (int, float)) or not last.get("epoch"):
+            return None
+        upe = max(1, round(float(last["updates"]) / float(last["epoch"])))
+        if self._schedule is None or self._schedule[0] != upe:
+            self._schedule = (upe, lr_per_update(recipe, upe))
+        warmup = min(round(recipe.schedule.warmup_epochs * upe), recipe.train.epochs * upe - 1)
+        logged = [
+            (float(r["updates"]), float(r["train/lr"]))
+            for r in rows
+            if isinstance(r.get("updates"), (int, float)) and isinstance(r.get("train/lr"), float)
+        ]
+        return LrPlan(self._schedule[1], int(last["updates"]), upe, warmup, logged)
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.accelerator.is_main_process:
@@ -226,7 +255,4 @@ class HistoryHook(Hook):
         if not rows:
             return
         _write_text(ctx.run_dir / "results.csv", results_csv(rows))
-        out = ctx.run_dir / "history"
-        save_figure(plot_series(rows, LOSS_KEYS, "Loss", "loss"), out / "loss.png")
-        save_figure(plot_series(rows, ACC_KEYS, "Accuracy", "accuracy"), out / "accuracy.png")
-        save_figure(_lr_figure(ctx.recipe, rows), out / "lr.png")
+        write_history_figures(rows, self.lr_plan(ctx.recipe, rows), ctx.run_dir / "history")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -111,6 +112,14 @@ def plot_sample_predictions(
     return fig
 
 
+def write_sample_predictions(
+    mistakes: Sequence[Tile], per_class: Sequence[Tile], title: str, path: Path
+) -> dict[str, Path]:
+    """Draw and save the grid (plain inputs -> file); returns the tracker image entry."""
+    save_figure(plot_sample_predictions(mistakes, per_class, title), path, dpi=110)
+    return {"val/sample_predictions": path}
+
+
 def build_tiles(
     rows: Sequence[int],
     probs: npt.NDArray[np.float64],
@@ -156,10 +165,10 @@ class SamplePredictionsHook(Hook):
             f"Validation predictions, epoch {ctx.epoch + 1} ({ev.weights} weights): top-1 "
             f"{accuracy:.3f} on {len(targets)} images"
         )
-        fig = plot_sample_predictions(
+        logged = write_sample_predictions(
             build_tiles(wrong, probs, targets, ctx.class_names, image_of),
             build_tiles(first, probs, targets, ctx.class_names, image_of),
             title,
+            ctx.epoch_dir() / "sample_predictions.png",
         )
-        path = save_figure(fig, ctx.epoch_dir() / "sample_predictions.png", dpi=110)
-        ctx.log_images({"val/sample_predictions": path})
+        ctx.log_images(logged)
