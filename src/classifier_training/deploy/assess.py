@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy.typing as npt
 from classifier_training.data.index import DataError, Sample, index_split
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
 from classifier_training.deploy import variants as V
-from classifier_training.deploy.calibration import Calibration, calibrate
+from classifier_training.deploy.calibration import Calibration, calibrate, plot_reliability
 from classifier_training.recipe import ExportConfig, Recipe
 
 log = logging.getLogger(__name__)
@@ -163,3 +164,63 @@ def assess(
         report["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         result.variants[name] = report
     return result
+
+
+RELIABILITY_FILE = "reliability.png"
+
+
+def calibrated_mapping(
+    mapping: Mapping[str, Any], result: Assessment, folder: Path
+) -> dict[str, Any]:
+    """``mapping`` plus the ``calibration`` key (an addition the contract allows); draws
+    ``reliability.png`` into ``folder``. Unchanged without a calibration."""
+    out = dict(mapping)
+    if result.calibration is None:
+        return out
+    out["calibration"] = result.calibration.summary()
+    fig = plot_reliability(result.calibration, "Reliability of the exported fp32 model")
+    tmp = folder / f".{RELIABILITY_FILE}.tmp.png"
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, folder / RELIABILITY_FILE)
+    return out
+
+
+def assessment_info(result: Assessment) -> dict[str, Any]:
+    """The export.json keys: ``evaluation``, ``variants``, ``rejected_variants``,
+    ``calibration`` and ``latency_machine``."""
+    cal = result.calibration
+    return {
+        "evaluation": result.splits,
+        "variants": result.variants,
+        "rejected_variants": result.rejected,
+        "calibration": (
+            {**cal.summary(), "reliability_diagram": RELIABILITY_FILE} if cal is not None else None
+        ),
+        "latency_machine": result.machine,
+    }
+
+
+def summary_lines(info: Mapping[str, Any]) -> list[str]:
+    """Console lines for export.json's variants, calibration and rejected variants."""
+    lines = []
+    for ev_split, ev in info.get("evaluation", {}).items():
+        lines.append(f"  {ev_split:<12} top-1 {ev['accuracy']:.4f} on {ev['images']} images (fp32)")
+    for name, v in info.get("variants", {}).items():
+        lat = v["latency_ms"]
+        lines.append(
+            f"  {name:<12} {v['file']}: {v['size_bytes'] / 1e6:.2f} MB, top-1 {v['accuracy']:.4f} "
+            f"on {v['n_images']} valid+test images, agrees with fp32 {v['agreement']:.2%}, max "
+            f"|logit diff| {v['max_abs_logit_diff']:.2e}, {lat['1']:.2f} ms at batch 1, "
+            f"{lat['32']:.1f} ms at batch 32"
+        )
+    cal = info.get("calibration")
+    if cal:
+        lines.append(
+            f"  calibration  T {cal['temperature']:.3f}, ECE {cal['ece_before']:.4f} -> "
+            f"{cal['ece_after']:.4f} on {cal['eval_split']}; abstain below {cal['threshold']:.4f} "
+            f"(precision {cal['target_precision']} on {cal['fit_split']}) keeps "
+            f"{cal['coverage']:.1%} of {cal['eval_split']} at precision {cal['precision']:.4f}"
+        )
+    for reason in info.get("rejected_variants", {}).values():
+        lines.append(f"  REJECTED     {reason}")
+    return lines
