@@ -12,11 +12,12 @@ from PIL import Image, ImageDraw
 from classifier_training.data.index import DataError, index_dataset
 from classifier_training.data.near_duplicates import (
     SHEET_FILE,
+    Signature,
     check_index,
     dhash,
-    dhash_file,
     find_near_duplicates,
     plot_near_duplicates,
+    signature,
 )
 from conftest import write_jsonl_dataset
 
@@ -40,9 +41,12 @@ def test_dhash_is_stable_under_reencoding_and_resizing(tmp_path: Path) -> None:
     img.save(tmp_path / "a.png")
     img.save(tmp_path / "b.jpg", quality=70)
     img.resize((32, 24)).save(tmp_path / "c.png")
-    ha, hb, hc = (dhash_file(tmp_path / n) for n in ("a.png", "b.jpg", "c.png"))
+    sa, sb, sc = (signature(tmp_path / n) for n in ("a.png", "b.jpg", "c.png"))
+    assert isinstance(sa, Signature) and isinstance(sb, Signature) and isinstance(sc, Signature)
+    ha, hb, hc = sa.dhash, sb.dhash, sc.dhash
     assert isinstance(ha, int) and isinstance(hb, int) and isinstance(hc, int)
     assert (ha ^ hb).bit_count() <= 4 and (ha ^ hc).bit_count() <= 4
+    assert sa.thumb.shape == (16, 16, 3)
     other = dhash(scene(1))
     assert other is not None and (ha ^ other).bit_count() > 10
 
@@ -50,7 +54,7 @@ def test_dhash_is_stable_under_reencoding_and_resizing(tmp_path: Path) -> None:
 def test_flat_and_broken_images_are_skipped(tmp_path: Path) -> None:
     assert dhash(Image.new("RGB", (20, 20), (10, 200, 30))) is None
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    assert str(dhash_file(tmp_path / "bad.jpg")).startswith("cannot decode")
+    assert str(signature(tmp_path / "bad.jpg")).startswith("cannot decode")
 
 
 def test_pairs_across_splits_only_closest_first(tmp_path: Path) -> None:
@@ -66,16 +70,25 @@ def test_pairs_across_splits_only_closest_first(tmp_path: Path) -> None:
         "val": [(paths["v0"], "a"), (paths["v0"], "a")],  # listed twice: one file
         "test": [(paths["x2"], "z")],
     }
-    hashes = {p: dhash_file(p) for p in paths.values()}
-    pairs = find_near_duplicates(splits, hashes, max_distance=6)
+    sigs = {p: signature(p) for p in paths.values()}
+    pairs = find_near_duplicates(splits, sigs, max_distance=6)
     found = [(p.path_a.name, p.path_b.name) for p in pairs]
     assert found[0] == ("t0.png", "v0.png") and pairs[0].distance == 0
     assert ("t2.png", "x2.png") in found
     assert all(p.split_a != p.split_b for p in pairs)
     assert [p.distance for p in pairs] == sorted(p.distance for p in pairs)
-    assert not find_near_duplicates(splits, hashes, max_distance=0)[1:]  # only the identical one
+    assert not find_near_duplicates(splits, sigs, max_distance=0)[1:]  # only the identical one
+    # the colour check: the picture in grey has the same dHash but is no near-duplicate
+    scene(0).convert("L").convert("RGB").save(tmp_path / "grey.png")
+    grey = signature(tmp_path / "grey.png")
+    assert isinstance(grey, Signature)
+    near = {"train": [(paths["t0"], "a")], "test": [(tmp_path / "grey.png", "a")]}
+    both = {**sigs, tmp_path / "grey.png": grey}
+    assert grey.dhash == sigs[paths["t0"]].dhash  # type: ignore[union-attr]
+    assert not find_near_duplicates(near, both, max_distance=0)
+    assert find_near_duplicates(near, both, max_distance=0, max_mean_diff=255.0)
     with pytest.raises(ValueError, match="max_distance"):
-        find_near_duplicates(splits, hashes, max_distance=65)
+        find_near_duplicates(splits, sigs, max_distance=65)
     fig = plot_near_duplicates(pairs)
     fig.savefig(tmp_path / "sheet.png")
     assert (tmp_path / "sheet.png").stat().st_size > 1000

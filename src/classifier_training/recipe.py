@@ -335,9 +335,10 @@ class HooksConfig:
     """Images in the sample-predictions grid."""
     confusion_every: int = 10
     """Draw the confusion matrices every N epochs (and always at the best and last epochs)."""
-    near_duplicate_distance: int = 4
+    near_duplicate_distance: int = 8
     """dataset_stats: report cross-split image pairs whose 64-bit dHash differs in at most this
-    many bits (-1 skips the check)."""
+    many bits and whose 16x16 colour thumbnails differ by at most 8/255 on average (-1 skips
+    the check)."""
     fail_on_near_duplicates: bool = False
     """dataset_stats: stop before training when such cross-split pairs exist (a leak)."""
 

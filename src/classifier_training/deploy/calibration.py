@@ -330,9 +330,9 @@ def plot_reliability(cal: Calibration, title: str) -> Any:
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}: ECE {ece:.4f}")
         ax.grid(True, linestyle=":", alpha=0.5)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(
-        f"{title}: {cal.eval_split} split ({cal.n_eval} images), {cal.n_bins} bins; abstain "
+        f"{title}: {cal.eval_split} split ({cal.n_eval} images), {cal.n_bins} bins\nabstain "
         f"below {cal.threshold:.3f} keeps {cal.coverage:.1%} at precision "
         f"{cal.precision:.3f} (target {cal.target_precision})"
     )

@@ -162,7 +162,9 @@ def plot_lr(
         ax.plot(lx, ly, "o", color="tab:red", markersize=4, label="train/lr logged at epoch end")
     if 0 < warmup_updates < len(schedule):
         ax.axvline(warmup_updates, color="grey", linestyle=":", linewidth=1)
-        ax.text(warmup_updates, max(schedule), " end of warmup", va="top", fontsize=9)
+        right = warmup_updates > 0.7 * len(schedule)
+        ax.text(warmup_updates, max(schedule), "end of warmup " if right else " end of warmup",
+                va="top", ha="right" if right else "left", fontsize=9)  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel(f"optimizer update ({updates_per_epoch} per epoch)")
     ax.set_ylabel("learning rate")

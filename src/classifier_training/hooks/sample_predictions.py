@@ -78,7 +78,7 @@ def _draw_tiles(fig: FigureBase, tiles: Sequence[Tile], title: str) -> None:
     fig.suptitle(title, fontsize=12)
     if not tiles:
         return
-    cols = min(COLUMNS, len(tiles))
+    cols = COLUMNS  # same tile size in both panels
     rows = math.ceil(len(tiles) / cols)
     for k, t in enumerate(tiles):
         ax = fig.add_subplot(rows, cols, k + 1)
@@ -93,16 +93,20 @@ def _draw_tiles(fig: FigureBase, tiles: Sequence[Tile], title: str) -> None:
 
 
 def plot_sample_predictions(
-    mistakes: Sequence[Tile], per_class: Sequence[Tile], title: str
+    mistakes: Sequence[Tile], per_class: Sequence[Tile], title: str, total_mistakes: int = -1
 ) -> Figure:
-    """Two panels of tiles: the mistakes, then one tile per class (a pure drawing function)."""
+    """Two panels of tiles: the mistakes, then one tile per class (a pure drawing function).
+
+    ``total_mistakes`` (default: as many as shown) is how many validation images were wrong.
+    """
+    total_mistakes = len(mistakes) if total_mistakes < 0 else total_mistakes
     rows = [math.ceil(len(x) / COLUMNS) if x else 0 for x in (mistakes, per_class)]
     heights = [max(r, 0.35) * 2.1 + 0.5 for r in rows]
     fig = Figure(figsize=(COLUMNS * 1.9, sum(heights) + 0.5), layout="constrained")
     fig.suptitle(title, fontsize=13)
     top, bottom = fig.subfigures(2, 1, height_ratios=heights, squeeze=False)[:, 0]
     head = (
-        f"{len(mistakes)} most confident mistake(s)"
+        f"{len(mistakes)} of {total_mistakes} mistakes, most confident first"
         if mistakes
         else "no mistakes among the validation images"
     )
@@ -113,10 +117,15 @@ def plot_sample_predictions(
 
 
 def write_sample_predictions(
-    mistakes: Sequence[Tile], per_class: Sequence[Tile], title: str, path: Path
+    mistakes: Sequence[Tile],
+    per_class: Sequence[Tile],
+    title: str,
+    total_mistakes: int,
+    path: Path,
 ) -> dict[str, Path]:
     """Draw and save the grid (plain inputs -> file); returns the tracker image entry."""
-    save_figure(plot_sample_predictions(mistakes, per_class, title), path, dpi=110)
+    fig = plot_sample_predictions(mistakes, per_class, title, total_mistakes)
+    save_figure(fig, path, dpi=110)
     return {"val/sample_predictions": path}
 
 
@@ -169,6 +178,7 @@ class SamplePredictionsHook(Hook):
             build_tiles(wrong, probs, targets, ctx.class_names, image_of),
             build_tiles(first, probs, targets, ctx.class_names, image_of),
             title,
+            int((probs.argmax(axis=1) != targets).sum()),
             ctx.epoch_dir() / "sample_predictions.png",
         )
         ctx.log_images(logged)
