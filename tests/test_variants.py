@@ -18,8 +18,8 @@ from classifier_training.data.labels import labels_mapping
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
 from classifier_training.deploy import variants as V
 from classifier_training.deploy.assess import assess
+from classifier_training.deploy.onnx_export import export_onnx
 from classifier_training.model import create_model
-from classifier_training.onnx_export import export_onnx
 from classifier_training.recipe import DataConfig, ExportConfig, ModelConfig, Recipe
 from conftest import write_jsonl_dataset
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from classifier_training.data.index import DataError, Sample, index_split
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
 from classifier_training.deploy import variants as V
 from classifier_training.deploy.calibration import Calibration, calibrate, plot_reliability
+from classifier_training.io import save_figure
 from classifier_training.recipe import ExportConfig, Recipe
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ def calibrated_mapping(
         return out
     out["calibration"] = result.calibration.summary()
     fig = plot_reliability(result.calibration, "Reliability of the exported fp32 model")
-    tmp = folder / f".{RELIABILITY_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, folder / RELIABILITY_FILE)
+    save_figure(fig, folder / RELIABILITY_FILE, dpi=120)
     return out
 
 
@@ -198,6 +196,10 @@ def assessment_info(result: Assessment) -> dict[str, Any]:
         ),
         "latency_machine": result.machine,
     }
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a (nothing accepted)"
 
 
 def summary_lines(info: Mapping[str, Any]) -> list[str]:
@@ -219,7 +221,7 @@ def summary_lines(info: Mapping[str, Any]) -> list[str]:
             f"  calibration  T {cal['temperature']:.3f}, ECE {cal['ece_before']:.4f} -> "
             f"{cal['ece_after']:.4f} on {cal['eval_split']}; abstain below {cal['threshold']:.4f} "
             f"(precision {cal['target_precision']} on {cal['fit_split']}) keeps "
-            f"{cal['coverage']:.1%} of {cal['eval_split']} at precision {cal['precision']:.4f}"
+            f"{cal['coverage']:.1%} of {cal['eval_split']} at precision {_fmt(cal['precision'])}"
         )
     for reason in info.get("rejected_variants", {}).values():
         lines.append(f"  REJECTED     {reason}")

@@ -169,15 +169,16 @@ def abstain_threshold(
 
 def selective_stats(
     confidence: npt.ArrayLike, correct: npt.ArrayLike, threshold: float
-) -> dict[str, float]:
-    """Coverage (accepted / all) and precision (correct / accepted) at ``threshold``."""
+) -> dict[str, Any]:
+    """Coverage (accepted / all) and precision (correct / accepted; None when nothing is
+    accepted) at ``threshold``, plus the counts."""
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
     accepted = conf >= threshold
     n_acc = int(accepted.sum())
     return {
         "coverage": n_acc / conf.size if conf.size else 0.0,
-        "precision": float(ok[accepted].mean()) if n_acc else math.nan,
+        "precision": float(ok[accepted].mean()) if n_acc else None,
         "accepted": n_acc,
         "total": int(conf.size),
     }
@@ -198,14 +199,14 @@ class Calibration:
     coverage: float
     ece_before: float
     ece_after: float
-    precision: float
+    precision: float | None
     threshold_reached: bool
     eval_split: str
     fit_split: str
     n_fit: int
     n_eval: int
     val_coverage: float
-    val_precision: float
+    val_precision: float | None
     n_bins: int = DEFAULT_BINS
     bins_before: list[dict[str, float]] = field(default_factory=list, repr=False)
     bins_after: list[dict[str, float]] = field(default_factory=list, repr=False)
@@ -334,6 +335,7 @@ def plot_reliability(cal: Calibration, title: str) -> Any:
     fig.suptitle(
         f"{title}: {cal.eval_split} split ({cal.n_eval} images), {cal.n_bins} bins\nabstain "
         f"below {cal.threshold:.3f} keeps {cal.coverage:.1%} at precision "
-        f"{cal.precision:.3f} (target {cal.target_precision})"
+        f"{cal.precision if cal.precision is not None else float('nan'):.3f} "
+        f"(target {cal.target_precision})"
     )
     return fig

@@ -273,7 +273,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if ab:
         lines.append(
             f"calibrated (T = {ab['temperature']:.3f}): abstaining below {ab['threshold']:.3f} "
-            f"keeps {ab['coverage']:.1%} of the images at precision {ab['precision']:.4f}"
+            f"keeps {ab['coverage']:.1%} of the images at precision {ab['precision'] or 0:.4f}"
         )
     lines += ["", f"{'label':>10}  {'correct':>7}  {'total':>5}  {'accuracy':>8}"]
     per_class = sorted(summary["per_class"].items(), key=lambda kv: kv[1]["accuracy"])

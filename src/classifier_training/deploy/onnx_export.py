@@ -55,7 +55,6 @@ from classifier_training.checkpoint import (
 from classifier_training.data.index import DataError, Sample, index_split
 from classifier_training.data.labels import read_labels_mapping, write_labels_mapping
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
-from classifier_training.io import atomic_write_json, atomic_write_text
 from classifier_training.deploy import variants as V
 from classifier_training.deploy.assess import (
     AssessmentError,
@@ -64,6 +63,7 @@ from classifier_training.deploy.assess import (
     calibrated_mapping,
 )
 from classifier_training.deploy.model_card import model_card
+from classifier_training.io import atomic_write_json, atomic_write_text
 from classifier_training.model import create_model
 from classifier_training.recipe import ExportConfig, Recipe, export_problems, load_recipe
 
