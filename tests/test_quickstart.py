@@ -77,7 +77,9 @@ def test_run_folder_holds_everything(quick_run: tuple[Recipe, Path]) -> None:
                 "val/acc_class/00"):  # fmt: skip
         assert key in rows[-1], key
     mapping = (run / "labels_mapping.json").read_bytes()
-    assert (run / "export" / "labels_mapping.json").read_bytes() == mapping
+    shipped = json.loads((run / "export" / "labels_mapping.json").read_bytes())
+    assert set(shipped.pop("calibration")) >= {"temperature", "threshold", "coverage"}
+    assert shipped == json.loads(mapping)  # the export adds calibration, changes nothing else
     data = json.loads(mapping)
     assert data["num_classes"] == 42 and data["idx_to_class"]["1"] == "00"
 
