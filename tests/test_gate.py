@@ -190,3 +190,16 @@ def test_export_cli_leaves_out_a_rejected_variant(
     info = json.loads((out / "export.json").read_text())
     assert set(info["variants"]) == {"fp32", "fp16"} and set(info["rejected_variants"]) == {"int8"}
     assert "Rejected: int8 not written" in (out / "README.md").read_text()
+
+
+def test_recipe_checks_the_export_and_near_duplicate_fields() -> None:
+    from classifier_training.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match=r"export\.precision 'fp32,bf16'"):
+        parse_recipe(["--export.precision", "fp32,bf16"])
+    with pytest.raises(RecipeError, match=r"export\.target_precision must be in"):
+        parse_recipe(["--export.target_precision", "0"])
+    with pytest.raises(RecipeError, match=r"hooks\.near_duplicate_distance must be in"):
+        parse_recipe(["--hooks.near_duplicate_distance", "65"])
+    recipe = parse_recipe(["--export.precision", "fp32,int8"])
+    assert V.parse_precisions(recipe.export.precision) == ["fp32", "int8"]

@@ -65,7 +65,8 @@ from classifier_training.deploy.assess import (
 from classifier_training.deploy.model_card import model_card
 from classifier_training.io import atomic_write_json, atomic_write_text
 from classifier_training.model import create_model
-from classifier_training.recipe import ExportConfig, Recipe, export_problems, load_recipe
+from classifier_training.recipe import ExportConfig, Recipe, load_recipe
+from classifier_training.recipe_checks import export_problems
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
