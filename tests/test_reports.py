@@ -262,7 +262,8 @@ def test_dataset_stats_reports_near_duplicates_and_can_stop(tmp_path: Path) -> N
         scene(100 + seed).save(image, quality=95)
     Image.open(root / "train" / "c01_000.jpg").save(root / "test" / "c01_000.jpg", quality=50)
     index = index_dataset(root)
-    ctx = ctx_for(tmp_path / "run", index=index)
+    loaders = SimpleNamespace(train=SimpleNamespace(drop_last=False))
+    ctx = ctx_for(tmp_path / "run", index=index, loaders=loaders)
     DatasetStatsHook().on_fit_start(ctx)
     stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
     near = stats["near_duplicates"]
@@ -274,6 +275,7 @@ def test_dataset_stats_reports_near_duplicates_and_can_stop(tmp_path: Path) -> N
     strict = ctx_for(
         tmp_path / "run2",
         index=index,
+        loaders=loaders,
         recipe=Recipe(hooks=HooksConfig(fail_on_near_duplicates=True)),
     )
     with pytest.raises(DataError, match="near-duplicate leak: 1 image pair"):
