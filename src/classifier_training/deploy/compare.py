@@ -41,6 +41,31 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, float(2 * tail / 2**n))  # big-int true division: correctly rounded
 
 
+def per_class_changes(
+    y: npt.NDArray[np.int64],
+    old_ok: npt.NDArray[np.bool_],
+    new_ok: npt.NDArray[np.bool_],
+    class_names: Sequence[str],
+) -> dict[str, dict[str, Any]]:
+    """Per class present in ``y``: images, right before/after, accuracies, ``change``."""
+    out: dict[str, dict[str, Any]] = {}
+    for c, label in enumerate(class_names):
+        sel = y == c
+        total = int(sel.sum())
+        if total == 0:
+            continue
+        o, w = int(old_ok[sel].sum()), int(new_ok[sel].sum())
+        out[label] = {
+            "total": total,
+            "old_correct": o,
+            "new_correct": w,
+            "old_accuracy": o / total,
+            "new_accuracy": w / total,
+            "change": (w - o) / total,
+        }
+    return out
+
+
 def compare_predictions(
     targets: npt.ArrayLike,
     old_pred: npt.ArrayLike,
@@ -72,25 +97,8 @@ def compare_predictions(
     old_ok, new_ok = old == y, new == y
     n = len(y)
 
-    per_class: dict[str, dict[str, Any]] = {}
-    regressed: list[str] = []
-    for c, label in enumerate(class_names):
-        sel = y == c
-        total = int(sel.sum())
-        if total == 0:
-            continue
-        o, w = int(old_ok[sel].sum()), int(new_ok[sel].sum())
-        change = (w - o) / total
-        per_class[label] = {
-            "total": total,
-            "old_correct": o,
-            "new_correct": w,
-            "old_accuracy": o / total,
-            "new_accuracy": w / total,
-            "change": change,
-        }
-        if -change > max_class_drop + 1e-12:
-            regressed.append(label)
+    per_class = per_class_changes(y, old_ok, new_ok, class_names)
+    regressed = [lab for lab, c in per_class.items() if -c["change"] > max_class_drop + 1e-12]
 
     def flips(mask: npt.NDArray[np.bool_]) -> list[dict[str, Any]]:
         rows = []
