@@ -29,10 +29,7 @@ from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook, conf
 from classifier_training.hooks.export import ExportHook
 from classifier_training.hooks.history import HistoryHook
 from classifier_training.hooks.model_info import ModelInfoHook, model_info
-from classifier_training.hooks.sample_predictions import (
-    SamplePredictionsHook,
-    plot_sample_predictions,
-)
+from classifier_training.hooks.sample_predictions import SamplePredictionsHook, select_samples
 from classifier_training.hooks.sampler_distribution import SamplerDistributionHook
 from classifier_training.recipe import AugmentConfig, DataConfig, HooksConfig, Recipe, load_recipe
 from conftest import write_jsonl_dataset
@@ -147,6 +144,7 @@ def test_confusion_matrix_at_42_classes(tmp_path: Path) -> None:
     targets, preds = confusion_case(len(names))
     ctx = make_ctx(tmp_path, class_names=names)
     ctx.epoch = 0
+    ctx.best_checkpoint = tmp_path / "checkpoints" / "epoch-001"  # drawn as the best epoch
     ctx.evals = {"val": eval_result(targets, preds, len(names))}
     ConfusionMatrixHook().on_epoch_end(ctx)
     out = tmp_path / "epochs" / "001"
@@ -275,24 +273,22 @@ def test_history_keeps_the_last_line_of_a_replayed_epoch(tmp_path: Path) -> None
 
 
 def test_sample_predictions_grid(tmp_path: Path) -> None:
-    k = 6
-    images = torch.randint(0, 255, (k, 3, SIZE, SIZE), dtype=torch.uint8)
-    targets = [0, 1, 2, 3, 4, 0, 1, 2]
-    preds = [0, 2, 2, 3, 0, 0, 1, 2]  # images 1 and 4 are wrong
-    ev = eval_result(targets, preds, len(CLASSES), images=images)
-    fig = plot_sample_predictions(ev, list(CLASSES), k, "t")
-    titles = [ax.get_title() for ax in fig.axes]
-    assert len(titles) == k
-    assert titles[0].startswith("true '00'\npred '1'") and titles[1].startswith("true '2'")
-    assert fig.axes[0].title.get_color() != fig.axes[2].title.get_color()
-    assert "%" in titles[0]
-
-    ctx = make_ctx(tmp_path, recipe=Recipe(hooks=HooksConfig(sample_grid=k)))
+    root = write_jsonl_dataset(tmp_path / "data", CLASSES, {"train": 1, "valid": 2, "test": 1})
+    index = index_dataset(root)
+    targets = [s.target for s in index.val.samples]
+    preds = list(targets)
+    preds[1], preds[4] = (targets[1] + 1) % 5, (targets[4] + 2) % 5  # two mistakes
+    ev = eval_result(targets, preds, len(CLASSES))
+    ctx = make_ctx(tmp_path / "run", index=index, recipe=Recipe(hooks=HooksConfig(sample_grid=6)))
     ctx.epoch = 4
     ctx.evals = {"val": ev}
     SamplePredictionsHook().on_epoch_end(ctx)
-    assert_png(tmp_path / "epochs" / "005" / "sample_predictions.png")
+    assert_png(tmp_path / "run" / "epochs" / "005" / "sample_predictions.png")
     assert "val/sample_predictions" in ctx.extra["logged"]
+    mistakes, per_class = select_samples(
+        torch.softmax(ev.logits, 1).numpy(), ev.targets.numpy(), list(CLASSES), 6
+    )
+    assert sorted(mistakes) == [1, 4] and len(per_class) == len(CLASSES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +300,12 @@ def test_augment_preview(tmp_path: Path) -> None:
     index = index_dataset(root)
     train = ImageDataset(index.train.samples, mode="train", image_size=SIZE)
     augment = BatchAugment(resolve(AugmentConfig()), SIZE)
-    ctx = make_ctx(tmp_path / "run", loaders=SimpleNamespace(train_dataset=train), augment=augment)
+    ctx = make_ctx(
+        tmp_path / "run",
+        index=index,
+        loaders=SimpleNamespace(train_dataset=train),
+        augment=augment,
+    )
     from classifier_training.hooks.augment_preview import AugmentPreviewHook
 
     AugmentPreviewHook().on_fit_start(ctx)

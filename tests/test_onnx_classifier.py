@@ -60,7 +60,9 @@ def test_predict_top_k_labels_and_softmax_match_torch(bundle: dict[str, Any]) ->
     preds = clf.predict([Image.open(p) for p in paths], top_k=3)
     with torch.no_grad():
         logits = bundle["ema"].eval()(torch.from_numpy(real_batch(paths)))
-    probs = torch.softmax(logits, dim=1).numpy()
+    # confidences are calibrated: softmax(logits / T) with the bundle's temperature
+    assert clf.calibration is not None and clf.temperature != 1.0
+    probs = torch.softmax(logits / clf.temperature, dim=1).numpy()
     assert len(preds) == 3
     for row, p in zip(preds, probs, strict=True):
         assert len(row) == 3

@@ -197,10 +197,12 @@ def test_export_run_writes_a_verified_bundle_of_the_ema_weights(tmp_path: Path) 
         "labels_mapping.json",
         "model.onnx",
         "model.safetensors",
+        "reliability.png",
     ]
-    assert read_labels_mapping(out / "labels_mapping.json") == read_labels_mapping(
-        run / "labels_mapping.json"
-    )
+    shipped = read_labels_mapping(out / "labels_mapping.json")
+    calibration = shipped.pop("calibration")  # the one addition to the run's mapping
+    assert shipped == read_labels_mapping(run / "labels_mapping.json")
+    assert calibration["temperature"] > 0 and calibration["target_precision"] == 0.99
     info = json.loads((out / "export.json").read_text())
     assert info["weights"] == "ema" and info["opset"] == 17 and info["image_size"] == SIZE
     assert info["checkpoint"]["epoch"] == 1
@@ -230,7 +232,10 @@ def test_export_run_writes_a_verified_bundle_of_the_ema_weights(tmp_path: Path) 
         assert f.metadata() == {"arch": "test_resnet", "num_classes": "5", "weights": "ema"}
 
     card = (out / "README.md").read_text()
-    assert "| 2 | `1` | 0.500 |" in card and "onnxruntime" in card
+    test_acc = info["evaluation"]["test"]["accuracy"]
+    assert f"**test: top-1 {100 * test_acc:.2f}%** on 10 images" in card
+    assert "selection split" in card and "| 2 | `1` |" in card and "onnxruntime" in card
+    assert list(info["variants"]) == ["fp32"] and info["rejected_variants"] == {}
     assert leftovers(run) == []
 
 
@@ -260,7 +265,9 @@ def test_export_run_raw_weights_and_explicit_out(tmp_path: Path) -> None:
     info = json.loads((out / "export.json").read_text())
     assert info["weights"] == "raw" and info["checkpoint"]["monitor_weights"] == "ema"
     # The checkpoint's per-class numbers belong to the EMA weights: not shown for raw.
-    assert "| 2 | `1` | n/a |" in (out / "README.md").read_text()
+    # the card's per-class numbers are measured on the exported (raw) weights themselves
+    acc = info["evaluation"]["test"]["accuracy_by_class"]["1"]
+    assert f"| 2 | `1` | {100 * acc:.2f}% |" in (out / "README.md").read_text()
 
 
 def test_selected_is_raw_when_ema_is_off(tmp_path: Path) -> None:

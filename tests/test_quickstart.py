@@ -38,6 +38,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Recipe
             "--data.root", str(tmp / "synthetic-jerseys"), "--train.output_dir", str(tmp / "run"),
             "--train.epochs", "2", "--train.max_batches_per_epoch", "6",
             "--logging.progress", "lines", "--export.verify_images", "8",
+            # 12 batches of training: int8 must not be refused for the accuracy of a toy model
+            "--export.max_accuracy_drop", "1.0",
         ],
     )  # fmt: skip
     train_script.train(recipe)
@@ -77,7 +79,9 @@ def test_run_folder_holds_everything(quick_run: tuple[Recipe, Path]) -> None:
                 "val/acc_class/00"):  # fmt: skip
         assert key in rows[-1], key
     mapping = (run / "labels_mapping.json").read_bytes()
-    assert (run / "export" / "labels_mapping.json").read_bytes() == mapping
+    shipped = json.loads((run / "export" / "labels_mapping.json").read_bytes())
+    assert set(shipped.pop("calibration")) >= {"temperature", "threshold", "coverage"}
+    assert shipped == json.loads(mapping)  # the export adds calibration, changes nothing else
     data = json.loads(mapping)
     assert data["num_classes"] == 42 and data["idx_to_class"]["1"] == "00"
 
@@ -142,3 +146,29 @@ def test_onnx_evaluator_matches_pytorch_evaluation(quick_run: tuple[Recipe, Path
     assert summary["top1_correct"] == round(torch_metrics["test/acc_top1"] * total)
     assert summary["top5_correct"] == round(torch_metrics["test/acc_top5"] * total)
     assert summary["top1_accuracy"] == pytest.approx(torch_metrics["test/acc_top1"], abs=1e-6)
+
+
+def test_readme_bundle_commands(quick_run: tuple[Recipe, Path]) -> None:
+    """The quick start's two onnxruntime commands, as the README writes them."""
+    recipe, run = quick_run
+    data = Path(recipe.data.root)
+    images = [str(data / "test" / "images" / f"synth_{n}_00000.jpg") for n in ("8", "00")]
+    predict = subprocess.run(
+        [sys.executable, "-m", "classifier_training.deploy.predict", "--model", str(run / "export"),
+         "--min-confidence", "auto", *images],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert predict.returncode == 0, predict.stderr
+    answers = json.loads(predict.stdout)
+    assert [a["abstained"] for a in answers] == [a["label"] == "unknown" for a in answers]
+    errors = run.parent / "errors"
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "classifier_training.deploy.evaluate",
+         "--model", str(run / "export" / "model.int8.onnx"), "--data", str(data),
+         "--split", "test", "--errors-dir", str(errors)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr
+    summary = json.loads((run / "eval-test" / "summary.json").read_text())
+    wrong = summary["total"] - summary["top1_correct"]
+    assert len(list(errors.rglob("*.jpg"))) == wrong

@@ -316,6 +316,17 @@ class ExportConfig:
     """Validation images compared between onnxruntime and PyTorch."""
     atol: float = 1e-4
     """Largest allowed |logit difference| between onnxruntime and PyTorch (fp32)."""
+    precision: str = "fp32"
+    """ONNX files to write, comma-separated: fp32 (model.onnx, always), fp16 (model.fp16.onnx),
+    int8 (model.int8.onnx), e.g. fp32,fp16,int8."""
+    max_accuracy_drop: float = 0.01
+    """An fp16/int8 file is not written when its top-1 accuracy on the validation + test images
+    is more than this below fp32's (0.01 = one point)."""
+    int8_calibration_images: int = 256
+    """Training images (deployment preprocessing) that calibrate the INT8 activation ranges."""
+    target_precision: float = 0.99
+    """Abstain threshold: the lowest calibrated confidence whose accepted validation predictions
+    reach this precision (stored in labels_mapping.json as calibration.threshold)."""
 
 
 @dataclass
@@ -337,8 +348,14 @@ class HooksConfig:
     """Hooks to run, by name."""
     sample_grid: int = 16
     """Images in the sample-predictions grid."""
-    confusion_every: int = 1
-    """Write the confusion matrix every N epochs (and always at the last one)."""
+    confusion_every: int = 10
+    """Draw the confusion matrices every N epochs (and always at the best and last epochs)."""
+    near_duplicate_distance: int = 8
+    """dataset_stats: report cross-split image pairs whose 64-bit dHash differs in at most this
+    many bits and whose 16x16 colour thumbnails differ by at most 8/255 on average (-1 skips
+    the check)."""
+    fail_on_near_duplicates: bool = False
+    """dataset_stats: stop before training when such cross-split pairs exist (a leak)."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ import difflib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from classifier_training.recipe import Recipe
+    from classifier_training.recipe import ExportConfig, Recipe
 
 TRAIN_METRICS = ("loss", "acc_top1", "lr", "grad_norm", "img_per_s")
 """Names of the per-epoch training metrics (``train/<name>``)."""
@@ -74,6 +74,25 @@ def _arch_problem(arch: str) -> str | None:
     return f"model.arch: {arch!r} is not a timm model{hint} (timm.list_models() lists them)"
 
 
+def export_problems(cfg: ExportConfig) -> list[str]:
+    """What is wrong with an export section (also checked by ``python -m export``)."""
+    problems = []
+    wanted = [p.strip().lower() for p in cfg.precision.split(",") if p.strip()]
+    if not wanted or any(p not in ("fp32", "fp16", "int8") for p in wanted):
+        problems.append(
+            f"export.precision {cfg.precision!r}: use a comma-separated list of fp32, fp16, int8"
+        )
+    if not 0 <= cfg.max_accuracy_drop <= 1:
+        problems.append(f"export.max_accuracy_drop must be in [0, 1] (got {cfg.max_accuracy_drop})")
+    if cfg.int8_calibration_images < 1:
+        problems.append(
+            f"export.int8_calibration_images must be >= 1 (got {cfg.int8_calibration_images})"
+        )
+    if not 0 < cfg.target_precision <= 1:
+        problems.append(f"export.target_precision must be in (0, 1] (got {cfg.target_precision})")
+    return problems
+
+
 def recipe_problems(recipe: Recipe) -> list[str]:
     """What is wrong with values that types alone cannot rule out, one line per problem, each
     starting with the dotted field name; empty when the recipe is fine."""
@@ -124,6 +143,12 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         recipe.loss.label_smoothing,
     )
     need(recipe.logging.log_every >= 1, "logging.log_every must be >= 1", recipe.logging.log_every)
+    need(
+        -1 <= recipe.hooks.near_duplicate_distance <= 64,
+        "hooks.near_duplicate_distance must be in [-1, 64] (-1: no check)",
+        recipe.hooks.near_duplicate_distance,
+    )
+    problems += export_problems(recipe.export)
     if d.sampler == "manual" and not d.sampler_weights:
         problems.append("data.sampler=manual needs data.sampler_weights {label: weight}")
     for problem in (_monitor_problem(recipe), _arch_problem(recipe.model.arch)):

@@ -2,10 +2,13 @@
 
     python -m export --run runs/jersey [--checkpoint best|last|PATH] [--weights selected|ema|raw]
         [--opset 17] [--out DIR] [--verify_images 32] [--atol 1e-4] [--data ROOT]
+        [--precision fp32,fp16,int8] [--max_accuracy_drop 0.01] [--target_precision 0.99]
 
 Works on finished and interrupted runs alike (any checkpoint the ledger lists). The bundle is
 verified against PyTorch with onnxruntime on real validation images before it is moved into
-place; on failure nothing is written and the exit status is 1. ``src/export.py`` (run as
+place; on failure nothing is written and the exit status is 1. A requested fp16/int8 variant
+that loses more than ``max_accuracy_drop`` accuracy is left out of the bundle (which is still
+written) with the reason, and the exit status is 3. ``src/export.py`` (run as
 ``python -m export``) and the ``classifier-export`` console script both call :func:`main`.
 
 The options besides ``--run``, ``--out`` and ``--data`` are the fields of
@@ -25,6 +28,8 @@ from pathlib import Path
 import simple_parsing
 
 from classifier_training.recipe import ExportConfig, RecipeError
+
+VARIANT_REJECTED = 3
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # export never needs pretrained weights
 
@@ -48,11 +53,13 @@ def _parser() -> simple_parsing.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Export, verify and print a summary; 0 on success, 1 (message on stderr) on failure."""
+    """Export, verify and print a summary; 0 on success, 1 (message on stderr) on failure, 3
+    when a requested precision variant failed its check (the bundle is written without it)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from classifier_training.checkpoint import CheckpointError
     from classifier_training.data.index import DataError
+    from classifier_training.deploy.assess import summary_lines
     from classifier_training.deploy.onnx_export import ExportError, export_run
     from classifier_training.model import PretrainedWeightsError
 
@@ -79,10 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{ver['batch_sizes']}: top-1 agrees {ver['top1_agree']}, max |logit diff| "
         f"{ver['max_abs_diff']:.2e} <= {ver['atol']:.0e}"
     )
-    print(
-        f"  bundle       {out}/ (model.onnx, labels_mapping.json, model.safetensors, "
-        "export.json, README.md)"
-    )
+    for line in summary_lines(info):
+        print(line)
+    print(f"  bundle       {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    if info["rejected_variants"]:
+        print(
+            f"export: {', '.join(info['rejected_variants'])} not written (see REJECTED above); "
+            "the rest of the bundle is in place",
+            file=sys.stderr,
+        )
+        return VARIANT_REJECTED
     return 0
 
 

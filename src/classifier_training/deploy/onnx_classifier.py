@@ -6,9 +6,17 @@ so a deployment image needs no PyTorch. Images go through the same
 :func:`~classifier_training.data.preprocess.to_nchw_float` as training-time evaluation, so the
 predictor sees exactly what the verified model saw.
 
+Confidences are calibrated when the bundle carries ``calibration`` (labels_mapping.json, written
+by export): ``softmax(logits / temperature)``. With a minimum confidence (a number, or ``"auto"``
+for the bundle's abstain threshold), :meth:`OnnxClassifier.classify` answers ``"unknown"`` for
+images below it. Any precision variant of the bundle loads the same way
+(``OnnxClassifier("runs/x/export/model.int8.onnx")``).
+
     clf = OnnxClassifier("runs/jersey/export")
     clf.predict([Image.open("a.jpg")], top_k=3)
     # [[{"class_id": 17, "label": "23", "confidence": 0.91}, ...]]
+    clf.classify([Image.open("a.jpg")], min_confidence=clf.min_confidence("auto"))
+    # [{"label": "unknown", "class_id": -1, "confidence": 0.42, "abstained": true, ...}]
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ from PIL import Image
 
 from classifier_training.data.labels import read_labels_mapping
 from classifier_training.data.preprocess import eval_image, to_nchw_float
+from classifier_training.deploy.calibration import read_calibration
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels_mapping.json"
+UNKNOWN = "unknown"
+"""The label :meth:`OnnxClassifier.classify` gives an image below the minimum confidence."""
 
 
 def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
@@ -69,6 +80,8 @@ class OnnxClassifier:
         self.mapping = read_labels_mapping(labels)
         self.num_classes = int(self.mapping["num_classes"])
         self.idx_to_class = {int(k): str(v) for k, v in self.mapping["idx_to_class"].items()}
+        self.calibration = read_calibration(self.mapping, str(labels))
+        self.temperature = self.calibration["temperature"] if self.calibration else 1.0
         norm = self.mapping["normalization"]
         self.mean = tuple(float(v) for v in norm["mean"])
         self.std = tuple(float(v) for v in norm["std"])
@@ -120,12 +133,38 @@ class OnnxClassifier:
         out = self.session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32)
 
-    def predict(self, images: Sequence[Image.Image], top_k: int = 5) -> list[list[dict[str, Any]]]:
-        """Top-k ``{"class_id", "label", "confidence"}`` per image, most confident first
-        (``top_k`` is capped at the number of classes)."""
+    def probabilities(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``softmax(logits / temperature)``: calibrated when the bundle has a calibration."""
+        return softmax(np.asarray(logits, dtype=np.float64) / self.temperature)
+
+    def min_confidence(self, value: str | float | None) -> float | None:
+        """``"auto"`` -> the bundle's abstain threshold; a number in [0, 1] -> itself.
+
+        Raises ValueError for ``auto`` on a bundle without calibration, or a bad number.
+        """
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            if self.calibration is None:
+                raise ValueError(
+                    f"{self.model_path.parent / LABELS_FILE} has no calibration (exported before "
+                    "calibration existed, or without a validation split): re-export the run, or "
+                    "pass a number for the minimum confidence"
+                )
+            return self.calibration["threshold"]
+        try:
+            number = float(value)
+        except ValueError as err:
+            raise ValueError(
+                f"minimum confidence {value!r}: use auto or a number in [0, 1]"
+            ) from err
+        if not 0.0 <= number <= 1.0:
+            raise ValueError(f"minimum confidence {number}: must be in [0, 1] (or auto)")
+        return number
+
+    def _top_k(self, probs: npt.NDArray[np.float32], top_k: int) -> list[list[dict[str, Any]]]:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        probs = softmax(self.logits(self.preprocess(images)))
         k = min(top_k, self.num_classes)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [
@@ -139,3 +178,29 @@ class OnnxClassifier:
             ]
             for row, idx in zip(probs, order, strict=True)
         ]
+
+    def predict(self, images: Sequence[Image.Image], top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """Top-k ``{"class_id", "label", "confidence"}`` per image, most confident first
+        (``top_k`` is capped at the number of classes; confidences calibrated when possible)."""
+        return self._top_k(self.probabilities(self.logits(self.preprocess(images))), top_k)
+
+    def classify(
+        self, images: Sequence[Image.Image], top_k: int = 5, min_confidence: float | None = None
+    ) -> list[dict[str, Any]]:
+        """One answer per image: ``label`` (``"unknown"`` when the top confidence is below
+        ``min_confidence``), ``class_id`` (-1 when unknown), ``confidence``, ``abstained`` and
+        the top-k ``predictions``."""
+        out = []
+        for preds in self.predict(images, top_k):
+            top = preds[0]
+            abstain = min_confidence is not None and top["confidence"] < min_confidence
+            out.append(
+                {
+                    "label": UNKNOWN if abstain else top["label"],
+                    "class_id": -1 if abstain else top["class_id"],
+                    "confidence": top["confidence"],
+                    "abstained": abstain,
+                    "predictions": preds,
+                }
+            )
+        return out

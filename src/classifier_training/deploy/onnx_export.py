@@ -57,9 +57,18 @@ from classifier_training.compat import code_version
 from classifier_training.data.index import DataError, Sample, index_split
 from classifier_training.data.labels import read_labels_mapping, write_labels_mapping
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
+from classifier_training.deploy import variants as V
+from classifier_training.deploy.assess import (
+    AssessmentError,
+    assess,
+    assessment_info,
+    calibrated_mapping,
+)
+from classifier_training.deploy.model_card import model_card
 from classifier_training.io import atomic_write_json, atomic_write_text
 from classifier_training.model import create_model
 from classifier_training.recipe import ExportConfig, Recipe, load_recipe
+from classifier_training.recipe_checks import export_problems
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -275,116 +284,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _per_class_accuracy(
-    metrics: Mapping[str, float], exported: str, selected: str
-) -> dict[str, float]:
-    """Per-class validation accuracy of the exported weights from the checkpoint's metrics.
-
-    ``val/acc_class/<label>`` belongs to the run's selected weights; other weights only have
-    numbers under ``val_<weights>/acc_class/<label>`` when the engine logged them.
-    """
-    prefixes = [f"val_{exported}/acc_class/"] + (["val/acc_class/"] if exported == selected else [])
-    for prefix in prefixes:
-        found = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
-        if found:
-            return found
-    return {}
-
-
-USAGE_SNIPPET = """\
-import json, numpy as np, onnxruntime as ort
-from PIL import Image
-m = json.load(open("labels_mapping.json"))
-r, s = m["preprocessing"]["resize_shorter"], m["preprocessing"]["center_crop"]
-img = Image.open("image.jpg").convert("RGB"); w, h = img.size
-img = img.resize((r, int(r * h / w)) if w <= h else (int(r * w / h), r), Image.BILINEAR)
-x0, y0 = round((img.width - s) / 2), round((img.height - s) / 2)
-x = np.asarray(img.crop((x0, y0, x0 + s, y0 + s)), np.float32) / 255
-x = ((x - m["normalization"]["mean"]) / m["normalization"]["std"]).astype(np.float32)
-sess = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-logits = sess.run(["logits"], {"input": x.transpose(2, 0, 1)[None].copy()})[0]
-print(m["idx_to_class"][str(int(logits.argmax()))])
-"""
-
-
-def _model_card(
-    info: dict[str, Any],
-    mapping: Mapping[str, Any],
-    per_class: dict[str, float],
-    split_counts: Mapping[str, Mapping[str, int]],
-) -> str:
-    pre = mapping.get("preprocessing", {})
-    norm = mapping["normalization"]
-    ver = info["verification"]
-    ck = info["checkpoint"]
-    labels = [mapping["idx_to_class"][str(i)] for i in range(mapping["num_classes"])]
-    value = ck.get("monitor_value")
-    value_text = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-    lines = [
-        f"# {info['run_name']}: {info['arch']} image classifier ({mapping['num_classes']} classes)",
-        "",
-        f"Exported {info['created_at']} from `{ck['path']}` (epoch {ck['epoch']}, "
-        f"{ck['monitor']} = {value_text}), **{info['weights']}** weights, ONNX opset "
-        f"{info['opset']}.",
-        "",
-        "## Files",
-        "",
-        "- `model.onnx`: input `input` float32 `[batch, 3, "
-        f"{info['image_size']}, {info['image_size']}]` (normalized RGB, NCHW), output `logits` "
-        f"float32 `[batch, {mapping['num_classes']}]` (raw logits, apply softmax yourself).",
-        "- `labels_mapping.json`: `idx_to_class`, `class_to_idx`, normalization, preprocessing.",
-        "- `model.safetensors`: the same weights for PyTorch/timm "
-        f'(`timm.create_model("{info["arch"]}", num_classes={mapping["num_classes"]})`).',
-        "- `export.json`: provenance and the verification report.",
-        "",
-        "## Data",
-        "",
-        f"Dataset `{info['data']['root']}`.",
-        "",
-    ]
-    if split_counts:
-        lines += ["| split | images |", "| --- | ---: |"]
-        lines += [f"| {s} | {sum(c.values())} |" for s, c in split_counts.items()]
-        lines.append("")
-    lines += ["## Classes and validation accuracy", ""]
-    count_splits = list(split_counts)
-    head = "| idx | label | val top-1 |" + "".join(f" {s} images |" for s in count_splits)
-    lines += [head, "| ---: | --- | ---: |" + " ---: |" * len(count_splits)]
-    for i, label in enumerate(labels):
-        acc = per_class.get(label)
-        acc_text = f"{acc:.3f}" if acc is not None else "n/a"
-        counts = "".join(f" {split_counts[s].get(label, 0)} |" for s in count_splits)
-        lines.append(f"| {i} | `{label}` | {acc_text} |{counts}")
-    lines += [
-        "",
-        "## Preprocessing (do exactly this)",
-        "",
-        f"1. Decode, convert to RGB; resize the shorter side to {pre.get('resize_shorter')} px "
-        f"({pre.get('interpolation', 'bilinear')}, aspect kept, the longer side truncated to int).",
-        f"2. Centre-crop {pre.get('center_crop')} x {pre.get('center_crop')} "
-        "(offsets `round((side - crop) / 2)`).",
-        f"3. Scale to [0, 1] (`/ 255`), subtract mean {norm['mean']}, divide by std {norm['std']}.",
-        "4. HWC -> CHW, add the batch axis, float32. Softmax over `logits` gives confidences.",
-        "",
-        "## Usage (onnxruntime, no code from this repository)",
-        "",
-        "Run from this folder with an `image.jpg`:",
-        "",
-        "```python",
-        USAGE_SNIPPET.rstrip("\n"),
-        "```",
-        "",
-        "## Verification",
-        "",
-        f"onnxruntime ({ver['provider']}) vs PyTorch on {ver['n_images']} real "
-        f"`{info['data']['verify_split']}` images at batch sizes {ver['batch_sizes']}: "
-        f"top-1 agrees on {ver['top1_agree']}, max |logit difference| {ver['max_abs_diff']:.2e} "
-        f"(allowed {ver['atol']:.0e}).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def _split_counts(run_dir: Path) -> dict[str, dict[str, int]]:
     """Per-split class counts from ``dataset_stats.json`` when the run wrote one."""
     path = run_dir / "dataset_stats.json"
@@ -411,12 +310,18 @@ def export_run(
     ``weights`` selected (the recipe's ``ema.select``, raw when EMA is off), ema or raw; ``opset``;
     ``verify_images`` (>= 1) validation images compared (test images if the validation split is
     absent) with tolerance ``atol``. ``out`` defaults to ``run_dir/export``; ``data_root``
-    overrides the recipe's ``data.root`` for finding the images.
+    overrides the recipe's ``data.root`` for finding the images. ``cfg`` also holds the
+    variant and calibration settings (``precision``, ``max_accuracy_drop``,
+    ``int8_calibration_images``, ``target_precision``); see :mod:`classifier_training.deploy.
+    assess` for what is measured on the validation and test images.
     Raises :class:`ExportError` / :class:`ExportVerificationError` / CheckpointError.
     """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else ExportConfig()
     out_dir = check_out_dir(out if out is not None else run_dir / "export", run_dir)
+    problems = export_problems(cfg)
+    if problems:
+        raise ExportError("; ".join(problems))
     if cfg.verify_images < 1:
         raise ExportError(
             f"verify_images={cfg.verify_images}: verification is part of the export and needs at "
@@ -486,6 +391,11 @@ def export_run(
         }
         export_onnx(model, tmp / ONNX_FILE, image_size, cfg.opset, metadata)
         report = verify_onnx(tmp / ONNX_FILE, model, x, cfg.atol)
+        try:
+            assessment = assess(tmp, recipe, cfg, root, mapping, metadata)
+        except (AssessmentError, V.VariantError) as err:
+            raise ExportError(str(err)) from err
+        mapping = calibrated_mapping(mapping, assessment, tmp)
         write_labels_mapping(tmp / LABELS_FILE, mapping)
         save_model(
             model,
@@ -516,13 +426,13 @@ def export_run(
             },
             "data": {"root": str(root), "verify_split": verify_split},
             "verification": report,
+            **assessment_info(assessment),
             "versions": _versions(),
             "code_version": code_version(),
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         atomic_write_json(tmp / EXPORT_INFO_FILE, info)
-        per_class = _per_class_accuracy(metrics, chosen, selected)
-        card = _model_card(info, mapping, per_class, _split_counts(run_dir))
+        card = model_card(info, mapping, _split_counts(run_dir))
         atomic_write_text(tmp / CARD_FILE, card)
         _swap_into_place(tmp, out_dir)
     except BaseException:

@@ -1,11 +1,16 @@
 """Classify images with an exported model (onnxruntime, no torch).
 
-    python -m classifier_training.deploy.predict --model runs/<name>/export a.jpg b.jpg --top-k 3
+    python -m classifier_training.deploy.predict --model runs/<name>/export a.jpg b.jpg --top-k 3 \
+        [--min-confidence auto|FLOAT]
 
-Prints one JSON document: ``[{"image": path, "predictions": [{"class_id", "label",
-"confidence"}, ...]}, ...]`` with softmax confidences, most confident first. An image that
-cannot be read is reported on stderr (one line each) and left out; the others are still
-classified, and the exit status is then 1.
+Prints one JSON document: ``[{"image": path, "label", "class_id", "confidence", "abstained",
+"predictions": [{"class_id", "label", "confidence"}, ...]}, ...]``: confidences are
+``softmax(logits / T)`` with the bundle's calibrated temperature (T = 1 without calibration),
+most confident first. With ``--min-confidence`` an image whose top confidence is below it gets
+``"label": "unknown"`` (``auto``: the bundle's abstain threshold). ``--model`` may name any
+precision variant (``runs/<name>/export/model.int8.onnx``). An image that cannot be read is
+reported on stderr (one line each) and left out; the others are still classified, and the exit
+status is then 1.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="labels_mapping.json (default: beside model)")
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per onnxruntime call")
+    p.add_argument(
+        "--min-confidence",
+        default=None,
+        metavar="auto|FLOAT",
+        help="answer 'unknown' below this calibrated confidence (auto: the bundle's threshold)",
+    )
     p.add_argument("images", nargs="+", help="image files")
     return p
 
@@ -41,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     try:
         clf = OnnxClassifier(args.model, args.labels)
+        threshold = clf.min_confidence(args.min_confidence)
         results = []
         for start in range(0, len(args.images), args.batch_size):
             paths, images = [], []
@@ -53,8 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"error: {path}: cannot read image: {err}", file=sys.stderr)
             if not images:
                 continue
-            for path, preds in zip(paths, clf.predict(images, args.top_k), strict=True):
-                results.append({"image": str(Path(path)), "predictions": preds})
+            answers = clf.classify(images, args.top_k, threshold)
+            for path, answer in zip(paths, answers, strict=True):
+                results.append({"image": str(Path(path)), **answer})
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -3,7 +3,11 @@
 No extra forward pass: ``ctx.evals["val"]`` already holds every validation sample's logits.
 ``cm[t, p]`` counts samples of true class ``t`` predicted as ``p`` (one ``bincount`` of
 ``t * C + p``); the normalised matrix divides each row by its support, so its diagonal is the
-per-class recall. Written every ``hooks.confusion_every`` epochs and always at the last one::
+per-class recall. Drawn at the **best epoch** (the epoch whose checkpoint is the run's best), the
+**last epoch** and every ``hooks.confusion_every`` epochs; a matrix drawn only because its epoch
+was the best is removed when a later epoch becomes the best (so a long run keeps a handful, not
+one per epoch). Classes are shown in natural order ("2" before "10"); the label indices of the
+contract are unchanged::
 
     epochs/NNN/confusion_matrix.png              counts
     epochs/NNN/confusion_matrix_normalized.png   row-normalised
@@ -12,6 +16,7 @@ per-class recall. Written every ``hooks.confusion_every`` epochs and always at t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,11 +24,14 @@ import numpy.typing as npt
 import torch
 from matplotlib.figure import Figure
 
+from classifier_training.display import natural_order
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.io import atomic_write_json, save_figure
 
 TOP_PAIRS = 20
 """Confused pairs kept in the JSON (the console shows the first 5)."""
+FILES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "confused_pairs.json")
+DPI = 110
 
 
 def confusion_counts(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -57,31 +65,34 @@ def confused_pairs(
 def plot_confusion(
     cm: npt.NDArray[np.int64], class_names: list[str], title: str, normalize: bool
 ) -> Figure:
-    """Heat map with class names on both axes; cell values printed where non-zero.
+    """Heat map with class names on both axes in natural order; values printed where non-zero.
 
-    The figure grows with the class count (~0.32 in per class) and fonts shrink, so 40+
-    classes stay legible at 150 dpi.
+    The figure grows with the class count (0.4 in per class) so that at 42+ classes the labels
+    stay at 9 pt and the cell values at 7 pt (readable at the saved 110 dpi).
     """
-    n = len(class_names)
+    order = natural_order(class_names)
+    cm = cm[np.ix_(order, order)]
+    names = [class_names[i] for i in order]
+    n = len(names)
     support = cm.sum(axis=1, keepdims=True)
     if normalize:
         with np.errstate(invalid="ignore", divide="ignore"):
             values = np.where(support > 0, cm / np.maximum(support, 1), np.nan)
     else:
         values = cm.astype(np.float64)
-    side = max(5.0, 0.32 * n + 2.5)
-    tick_font = 9 if n <= 20 else 8
-    cell_font = 8 if n <= 20 else 6.5
+    side = max(5.0, 0.4 * n + 2.5)
+    tick_font = 10 if n <= 20 else 9
+    cell_font = 8 if n <= 20 else 7
     fig = Figure(figsize=(side + 1.2, side), layout="constrained")
     ax = fig.add_subplot()
     vmax = 1.0 if normalize else max(1.0, float(np.nanmax(values)))
     im = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    ax.set_xticks(range(n), labels=class_names, rotation=90 if n > 10 else 0, fontsize=tick_font)
-    ax.set_yticks(range(n), labels=class_names, fontsize=tick_font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=11)
+    ax.set_xticks(range(n), labels=names, rotation=90 if n > 10 else 0, fontsize=tick_font)
+    ax.set_yticks(range(n), labels=names, fontsize=tick_font)
+    ax.set_xlabel("predicted", fontsize=11)
+    ax.set_ylabel("true", fontsize=11)
+    ax.set_title(title, fontsize=12)
     for t in range(n):
         for p in range(n):
             if cm[t, p] == 0:
@@ -95,19 +106,47 @@ def plot_confusion(
     return fig
 
 
+def write_confusion_figures(
+    cm: npt.NDArray[np.int64], class_names: list[str], head: str, out: Path
+) -> dict[str, Path]:
+    """Draw and save both heat maps into ``out`` (plain inputs -> files)."""
+    fig = plot_confusion(cm, class_names, f"Confusion matrix (counts)\n{head}", normalize=False)
+    counts_png = save_figure(fig, out / FILES[0], dpi=DPI)
+    fig = plot_confusion(
+        cm, class_names, f"Confusion matrix (rows normalised to 1)\n{head}", normalize=True
+    )
+    norm_png = save_figure(fig, out / FILES[1], dpi=DPI)
+    return {"val/confusion_matrix": counts_png, "val/confusion_matrix_normalized": norm_png}
+
+
+def draw_reasons(epoch: int, every: int, is_best: bool, is_last: bool) -> list[str]:
+    """Why epoch ``epoch`` (0-based) gets matrices: any of "best", "every N", "last"."""
+    reasons = ["best"] if is_best else []
+    if every > 0 and (epoch + 1) % every == 0:
+        reasons.append(f"every {every}")
+    if is_last:
+        reasons.append("last")
+    return reasons
+
+
 class ConfusionMatrixHook(Hook):
     """Counts and row-normalised confusion matrices plus the most confused pairs."""
 
     name = "confusion_matrix"
 
+    def __init__(self) -> None:
+        self._best_only: Path | None = None  # folder whose matrices exist only as "best"
+
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.accelerator.is_main_process:
             return
-        every = max(1, ctx.recipe.hooks.confusion_every)
-        if (ctx.epoch + 1) % every != 0 and not ctx.is_last_epoch:
-            return
+        best = ctx.best_checkpoint
+        is_best = best is not None and best.name == f"epoch-{ctx.epoch + 1:03d}"
+        reasons = draw_reasons(
+            ctx.epoch, ctx.recipe.hooks.confusion_every, is_best, ctx.is_last_epoch
+        )
         ev = ctx.evals.get("val")
-        if ev is None or len(ev.targets) == 0:
+        if not reasons or ev is None or len(ev.targets) == 0:
             return
         names = ctx.class_names
         cm = confusion_counts(ev.targets, ev.preds, len(names)).numpy()
@@ -115,26 +154,30 @@ class ConfusionMatrixHook(Hook):
         total = int(cm.sum())
         out = ctx.epoch_dir()
         head = (
-            f"epoch {ctx.epoch + 1}, {ev.weights} weights, {ev.split}: "
+            f"epoch {ctx.epoch + 1} ({', '.join(reasons)}), {ev.weights} weights, {ev.split}: "
             f"top-1 {correct / total:.3f} ({correct}/{total})"
         )
-        fig = plot_confusion(cm, names, f"Confusion matrix (counts)\n{head}", normalize=False)
-        counts_png = save_figure(fig, out / "confusion_matrix.png")
-        fig = plot_confusion(
-            cm, names, f"Confusion matrix (rows normalised to 1)\n{head}", normalize=True
-        )
-        norm_png = save_figure(fig, out / "confusion_matrix_normalized.png")
+        logged = write_confusion_figures(cm, names, head, out)
         pairs = confused_pairs(cm, names)
         atomic_write_json(
-            out / "confused_pairs.json",
-            {"epoch": ctx.epoch + 1, "weights": ev.weights, "split": ev.split, "pairs": pairs},
+            out / FILES[2],
+            {
+                "epoch": ctx.epoch + 1,
+                "drawn_because": reasons,
+                "weights": ev.weights,
+                "split": ev.split,
+                "pairs": pairs,
+            },
         )
+        if is_best:
+            if self._best_only is not None and self._best_only != out:
+                for name in FILES:
+                    (self._best_only / name).unlink(missing_ok=True)
+            self._best_only = out if reasons == ["best"] else None
         if pairs:
             shown = ", ".join(
                 f"{d['true']}->{d['predicted']} x{d['count']} ({float(d['rate']):.0%})"
                 for d in pairs[:5]
             )
             ctx.accelerator.print(f"most confused (true->predicted): {shown}")
-        ctx.log_images(
-            {"val/confusion_matrix": counts_png, "val/confusion_matrix_normalized": norm_png}
-        )
+        ctx.log_images(logged)

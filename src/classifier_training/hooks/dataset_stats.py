@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import StrMethodFormatter
 
+from classifier_training.data import near_duplicates
 from classifier_training.data.index import DatasetIndex
 from classifier_training.data.validate import ImageFacts, cache_file, check_images
 from classifier_training.hooks.base import FitContext, Hook
@@ -289,8 +290,18 @@ class DatasetStatsHook(Hook):
         facts = check_images(all_paths(ctx.index), cache=cache_file(ctx.index.root))
         dropped = 1 if ctx.loaders.train.drop_last else 0  # see drop_single_sample_batch
         stats = dataset_stats(ctx.index, facts, last_batch_dropped=dropped)
+        leaks = near_duplicates.check_index(ctx.index, ctx.recipe.hooks.near_duplicate_distance)
+        if leaks is not None:
+            stats["near_duplicates"] = leaks.report
+            sheet = ctx.run_dir / near_duplicates.SHEET_FILE
+            sheet.unlink(missing_ok=True)  # never leave the sheet of an earlier dataset
+            if leaks.pairs:
+                save_figure(near_duplicates.plot_near_duplicates(leaks.pairs), sheet)
         atomic_write_json(ctx.run_dir / "dataset_stats.json", stats)
         save_figure(plot_class_counts(stats), ctx.run_dir / "dataset_class_counts.png")
         sizes = [(f.width, f.height) for f in facts.values() if not f.error]
         save_figure(plot_image_sizes(sizes), ctx.run_dir / "dataset_image_sizes.png")
         ctx.accelerator.print(_summary_text(stats))
+        if leaks is not None:
+            ctx.accelerator.print(leaks.summary())
+            leaks.raise_if_leaking(ctx.recipe.hooks.fail_on_near_duplicates, ctx.run_dir)

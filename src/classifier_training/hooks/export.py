@@ -1,14 +1,16 @@
 """ONNX export at fit end: the verified deployment bundle in ``runs/<name>/export/``.
 
 Runs after the engine wrote its final checkpoint, on the main process, with the recipe's
-``export`` section (checkpoint, weights, opset, verify_images, atol). A verification failure
-raises: a run whose export does not match PyTorch must not look finished.
+``export`` section (checkpoint, weights, opset, verify_images, atol, precision variants,
+calibration). A verification failure raises: a run whose export does not match PyTorch must not
+look finished. A precision variant that fails its accuracy check is left out and reported.
 """
 
 from __future__ import annotations
 
 import json
 
+from classifier_training.deploy.assess import summary_lines
 from classifier_training.deploy.onnx_export import EXPORT_INFO_FILE, export_run
 from classifier_training.hooks.base import FitContext, Hook
 
@@ -33,5 +35,7 @@ class ExportHook(Hook):
             f"{info['data']['verify_split']} images, top-1 agrees {ver['top1_agree']}, "
             f"max |logit diff| {ver['max_abs_diff']:.2e}"
         )
+        for line in summary_lines(info):
+            ctx.accelerator.print(line)
         ctx.extra["export_dir"] = out
         ctx.extra["export_verification"] = ver

@@ -1,20 +1,30 @@
-"""Training curves redrawn from ``metrics.jsonl`` after every epoch.
+"""Training curves and a spreadsheet of the metrics, redrawn from ``metrics.jsonl`` every epoch.
 
-The engine appends the epoch's line before the hooks run, so the plots written at epoch k
+The engine appends the epoch's line before the hooks run, so the files written at epoch k
 include epoch k. Files (overwritten each epoch)::
 
     history/loss.png       train/loss, val/loss (+ val_raw, val_ema when present)
     history/accuracy.png   train/acc_top1, val/acc_top1, val/acc_top5 (+ raw / EMA top-1)
-    history/lr.png         train/lr
+    history/lr.png         learning rate per optimizer update (warmup visible)
+    results.csv            metrics.jsonl as a table: one row per epoch, one column per key
+
+The per-update learning rate is the recipe's schedule (:func:`classifier_training.optim.
+build_scheduler`, a pure function of the update count, which is also how a resumed run rebuilds
+it), drawn solid up to the updates done and dashed for the rest of the plan; the values logged at
+each epoch end (``train/lr``) are drawn as dots on top, so any mismatch would show.
 
 When a resumed run replays an epoch, the last line of that epoch wins.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +32,7 @@ from matplotlib.figure import Figure
 
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.io import save_figure
+from classifier_training.recipe import Recipe
 
 LOSS_KEYS = ("train/loss", "val/loss", "val_raw/loss", "val_ema/loss")
 ACC_KEYS = (
@@ -90,10 +101,154 @@ def plot_series(
     return fig
 
 
+def lr_per_update(recipe: Recipe, updates_per_epoch: int) -> list[float]:
+    """The recipe's learning rate for updates ``0 .. epochs * updates_per_epoch`` (inclusive)."""
+    import torch
+
+    from classifier_training.optim import build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=recipe.optim.lr)
+    scheduler = build_scheduler(
+        recipe.schedule,
+        optimizer,
+        lr=recipe.optim.lr,
+        epochs=recipe.train.epochs,
+        updates_per_epoch=updates_per_epoch,
+    )
+    out = []
+    for n in range(recipe.train.epochs * updates_per_epoch + 1):
+        scheduler.step_update(n)
+        out.append(float(optimizer.param_groups[0]["lr"]))
+    return out
+
+
+def plot_lr(
+    schedule: Sequence[float],
+    updates_done: int,
+    updates_per_epoch: int,
+    warmup_updates: int,
+    logged: Sequence[tuple[float, float]],
+) -> Figure:
+    """Learning rate against the update count: done (solid), planned (dashed), logged (dots).
+
+    ``logged`` holds (update, lr) pairs read from ``metrics.jsonl``; ``warmup_updates`` marks
+    the end of the warmup with a vertical line.
+    """
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    ax = fig.add_subplot()
+    done = min(updates_done, len(schedule) - 1)
+    xs = range(len(schedule))
+    ax.plot(
+        xs[: done + 1],
+        schedule[: done + 1],
+        "-",
+        color="tab:blue",
+        linewidth=1.5,
+        label=f"schedule, updates done ({done})",
+    )
+    if done + 1 < len(schedule):
+        ax.plot(
+            xs[done:],
+            schedule[done:],
+            "--",
+            color="tab:blue",
+            alpha=0.4,
+            linewidth=1,
+            label="schedule, still to come",
+        )
+    if logged:
+        lx, ly = zip(*logged, strict=True)
+        ax.plot(lx, ly, "o", color="tab:red", markersize=4, label="train/lr logged at epoch end")
+    if 0 < warmup_updates < len(schedule):
+        ax.axvline(warmup_updates, color="grey", linestyle=":", linewidth=1)
+        right = warmup_updates > 0.7 * len(schedule)
+        ax.text(warmup_updates, max(schedule), "end of warmup " if right else " end of warmup",
+                va="top", ha="right" if right else "left", fontsize=9)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel(f"optimizer update ({updates_per_epoch} per epoch)")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"Learning rate per update (through update {done})")
+    ax.grid(True, linestyle="--", alpha=0.6)
+    ax.legend()
+    return fig
+
+
+def results_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """``rows`` as CSV: epoch and updates first, then every other key (per-class keys last)."""
+    keys = {k for r in rows for k in r}
+
+    def rank(key: str) -> tuple[int, str]:
+        first = {"epoch": 0, "updates": 1}
+        return (first.get(key, 3 if "/acc_class/" in key else 2), key)
+
+    columns = sorted(keys, key=rank)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in columns})
+    return buf.getvalue()
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class LrPlan:
+    """What :func:`plot_lr` needs: the schedule and where the run is on it."""
+
+    schedule: list[float]
+    updates_done: int
+    updates_per_epoch: int
+    warmup_updates: int
+    logged: list[tuple[float, float]]
+
+
+def write_history_figures(rows: list[dict[str, Any]], lr: LrPlan | None, out: Path) -> None:
+    """Draw and save the three curves into ``out`` (plain inputs -> files); ``lr`` None draws
+    the logged per-epoch learning rate instead of the per-update one."""
+    save_figure(plot_series(rows, LOSS_KEYS, "Loss", "loss"), out / "loss.png")
+    save_figure(plot_series(rows, ACC_KEYS, "Accuracy", "accuracy"), out / "accuracy.png")
+    if lr is None:
+        fig = plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True)
+    else:
+        fig = plot_lr(
+            lr.schedule, lr.updates_done, lr.updates_per_epoch, lr.warmup_updates, lr.logged
+        )
+    save_figure(fig, out / "lr.png")
+
+
 class HistoryHook(Hook):
-    """Redraws loss, accuracy and learning-rate curves at every epoch end."""
+    """Redraws loss, accuracy and learning-rate curves and ``results.csv`` at every epoch end."""
 
     name = "history"
+
+    def __init__(self) -> None:
+        self._schedule: tuple[int, list[float]] | None = None  # (updates per epoch, lr per update)
+
+    def lr_plan(self, recipe: Recipe, rows: Sequence[dict[str, Any]]) -> LrPlan | None:
+        """The per-update plan when the rows carry ``updates`` (the schedule is computed once)."""
+        last = rows[-1]
+        if not isinstance(last.get("updates"), (int, float)) or not last.get("epoch"):
+            return None
+        upe = max(1, round(float(last["updates"]) / float(last["epoch"])))
+        if self._schedule is None or self._schedule[0] != upe:
+            self._schedule = (upe, lr_per_update(recipe, upe))
+        warmup = min(round(recipe.schedule.warmup_epochs * upe), recipe.train.epochs * upe - 1)
+        logged = [
+            (float(r["updates"]), float(r["train/lr"]))
+            for r in rows
+            if isinstance(r.get("updates"), (int, float)) and isinstance(r.get("train/lr"), float)
+        ]
+        return LrPlan(self._schedule[1], int(last["updates"]), upe, warmup, logged)
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not ctx.accelerator.is_main_process:
@@ -101,7 +256,5 @@ class HistoryHook(Hook):
         rows = read_history(ctx.run_dir / "metrics.jsonl")
         if not rows:
             return
-        out = ctx.run_dir / "history"
-        save_figure(plot_series(rows, LOSS_KEYS, "Loss", "loss"), out / "loss.png")
-        save_figure(plot_series(rows, ACC_KEYS, "Accuracy", "accuracy"), out / "accuracy.png")
-        save_figure(plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True), out / "lr.png")
+        _write_text(ctx.run_dir / "results.csv", results_csv(rows))
+        write_history_figures(rows, self.lr_plan(ctx.recipe, rows), ctx.run_dir / "history")
