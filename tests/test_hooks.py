@@ -22,7 +22,7 @@ from classifier_training.data.imbalance import WeightedClassSampler
 from classifier_training.data.index import DatasetIndex, index_dataset
 from classifier_training.data.synthetic import DEFAULT_LABELS
 from classifier_training.evaluation import EvalResult
-from classifier_training.hooks import HOOKS, build_hooks
+from classifier_training.hooks import HOOKS, build_hooks, run_hooks
 from classifier_training.hooks import history as history_module
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook, confusion_counts
@@ -50,6 +50,8 @@ def fake_accelerator(main: bool = True) -> Any:
         device=torch.device("cpu"),
         print=lambda *a, **k: printed.append(" ".join(map(str, a))),
         unwrap_model=lambda m: m,
+        set_trigger=lambda: None,
+        check_trigger=lambda: False,
         printed=printed,
     )
 
@@ -66,6 +68,7 @@ def make_ctx(
     main: bool = True,
 ) -> FitContext:
     logged: dict[str, Path] = {}
+    logged_metrics: dict[str, float] = {}
     ctx = FitContext(
         recipe=recipe or Recipe(data=DataConfig(image_size=SIZE)),
         accelerator=fake_accelerator(main),
@@ -77,8 +80,10 @@ def make_ctx(
         augment=augment,
         class_names=list(class_names),
         log_images=logged.update,
+        log_metrics=logged_metrics.update,
     )
     ctx.extra["logged"] = logged
+    ctx.extra["logged_metrics"] = logged_metrics
     return ctx
 
 
@@ -149,6 +154,7 @@ def test_confusion_matrix_at_42_classes(tmp_path: Path) -> None:
     ctx.epoch = 0
     ctx.evals = {"val": eval_result(targets, preds, len(names))}
     ConfusionMatrixHook().on_epoch_end(ctx)
+    ctx.background.wait()  # the figures' tracker images are logged once written
     out = tmp_path / "epochs" / "001"
     assert_png(out / "confusion_matrix.png", min_side=1500)
     assert_png(out / "confusion_matrix_normalized.png", min_side=1500)
@@ -291,6 +297,7 @@ def test_sample_predictions_grid(tmp_path: Path) -> None:
     ctx.epoch = 4
     ctx.evals = {"val": ev}
     SamplePredictionsHook().on_epoch_end(ctx)
+    ctx.background.wait()
     assert_png(tmp_path / "epochs" / "005" / "sample_predictions.png")
     assert "val/sample_predictions" in ctx.extra["logged"]
 
@@ -334,7 +341,8 @@ def test_sampler_distribution(tmp_path: Path) -> None:
     assert sum(c["sampled"] for c in classes.values()) == 400
     assert all(c["expected"] == pytest.approx(80.0) for c in classes.values())
     assert classes["0"]["train_rows"] == 8
-    assert ctx.extra["sampler_counts"] == {k: v["sampled"] for k, v in classes.items()}
+    expected = {f"sampler/count/{k}": v["sampled"] for k, v in classes.items()}
+    assert ctx.extra["logged_metrics"] == expected
     assert any("Sampler distribution" in line for line in ctx.accelerator.printed)
 
     quiet = make_ctx(tmp_path / "run2", index=index, loaders=SimpleNamespace(sampler=None))
@@ -371,9 +379,7 @@ def test_hooks_write_nothing_on_other_processes(tmp_path: Path) -> None:
     }
     (run).mkdir()
     (run / "metrics.jsonl").write_text('{"epoch": 1.0, "train/loss": 1.0}\n')
-    for cls in HOOKS.values():
-        hook = cls()
-        hook.on_fit_start(ctx)
-        hook.on_epoch_end(ctx)
-        hook.on_fit_end(ctx)
+    hooks = [cls() for cls in HOOKS.values()]
+    for phase in ("on_fit_start", "on_epoch_end", "on_fit_end"):
+        run_hooks(hooks, phase, ctx)  # type: ignore[arg-type]
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

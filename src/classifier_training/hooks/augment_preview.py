@@ -23,8 +23,6 @@ class AugmentPreviewHook(Hook):
     name = "augment_preview"
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         dataset = ctx.loaders.train_dataset
         n = min(PREVIEW_IMAGES, len(dataset))
         if n == 0:

@@ -12,6 +12,7 @@ per-class recall. Written every ``hooks.confusion_every`` epochs and always at t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,14 +96,25 @@ def plot_confusion(
     return fig
 
 
+def write_confusion_figures(
+    cm: npt.NDArray[np.int64], class_names: list[str], head: str, out: Path
+) -> dict[str, Path]:
+    """Draw and save both heat maps into ``out``; runs in the background worker."""
+    fig = plot_confusion(cm, class_names, f"Confusion matrix (counts)\n{head}", normalize=False)
+    counts_png = save_figure(fig, out / "confusion_matrix.png")
+    fig = plot_confusion(
+        cm, class_names, f"Confusion matrix (rows normalised to 1)\n{head}", normalize=True
+    )
+    norm_png = save_figure(fig, out / "confusion_matrix_normalized.png")
+    return {"val/confusion_matrix": counts_png, "val/confusion_matrix_normalized": norm_png}
+
+
 class ConfusionMatrixHook(Hook):
     """Counts and row-normalised confusion matrices plus the most confused pairs."""
 
     name = "confusion_matrix"
 
     def on_epoch_end(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         every = max(1, ctx.recipe.hooks.confusion_every)
         if (ctx.epoch + 1) % every != 0 and not ctx.is_last_epoch:
             return
@@ -118,12 +130,8 @@ class ConfusionMatrixHook(Hook):
             f"epoch {ctx.epoch + 1}, {ev.weights} weights, {ev.split}: "
             f"top-1 {correct / total:.3f} ({correct}/{total})"
         )
-        fig = plot_confusion(cm, names, f"Confusion matrix (counts)\n{head}", normalize=False)
-        counts_png = save_figure(fig, out / "confusion_matrix.png")
-        fig = plot_confusion(
-            cm, names, f"Confusion matrix (rows normalised to 1)\n{head}", normalize=True
-        )
-        norm_png = save_figure(fig, out / "confusion_matrix_normalized.png")
+        # The two heat maps are the slow part (~2 s at 42 classes): drawn beside training.
+        ctx.background.submit(write_confusion_figures, cm, names, head, out, then=ctx.log_images)
         pairs = confused_pairs(cm, names)
         atomic_write_json(
             out / "confused_pairs.json",
@@ -135,6 +143,3 @@ class ConfusionMatrixHook(Hook):
                 for d in pairs[:5]
             )
             ctx.accelerator.print(f"most confused (true->predicted): {shown}")
-        ctx.log_images(
-            {"val/confusion_matrix": counts_png, "val/confusion_matrix_normalized": norm_png}
-        )

@@ -90,18 +90,23 @@ def plot_series(
     return fig
 
 
+def write_history_figures(rows: list[dict[str, Any]], out: Path) -> None:
+    """Draw and save the three curves into ``out``; runs in the background worker."""
+    save_figure(plot_series(rows, LOSS_KEYS, "Loss", "loss"), out / "loss.png")
+    save_figure(plot_series(rows, ACC_KEYS, "Accuracy", "accuracy"), out / "accuracy.png")
+    save_figure(plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True), out / "lr.png")
+
+
 class HistoryHook(Hook):
     """Redraws loss, accuracy and learning-rate curves at every epoch end."""
 
     name = "history"
 
     def on_epoch_end(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         rows = read_history(ctx.run_dir / "metrics.jsonl")
         if not rows:
             return
-        out = ctx.run_dir / "history"
-        save_figure(plot_series(rows, LOSS_KEYS, "Loss", "loss"), out / "loss.png")
-        save_figure(plot_series(rows, ACC_KEYS, "Accuracy", "accuracy"), out / "accuracy.png")
-        save_figure(plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True), out / "lr.png")
+        # Drawn beside training; a newer epoch's curves replace a redraw that has not started.
+        ctx.background.submit(
+            write_history_figures, rows, ctx.run_dir / "history", replace="history"
+        )

@@ -10,7 +10,10 @@ when wrong. Confidence is the softmax probability of the predicted class. Writte
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from matplotlib.figure import Figure
 
@@ -21,8 +24,12 @@ from classifier_training.io import save_figure
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 
-def plot_sample_predictions(ev: EvalResult, class_names: list[str], k: int, title: str) -> Figure:
-    """The grid for the first ``k`` images of ``ev`` (misclassified first)."""
+Panel = tuple[int, int, int, float]
+"""(image position, true class, predicted class, confidence)."""
+
+
+def sample_panels(ev: EvalResult, k: int) -> list[Panel]:
+    """The first ``k`` images' panels, misclassified first (dataset order otherwise)."""
     position = {int(ix): j for j, ix in enumerate(ev.indices.tolist())}
     panels = []
     for i in range(min(k, len(ev.images))):
@@ -34,6 +41,13 @@ def plot_sample_predictions(ev: EvalResult, class_names: list[str], k: int, titl
         true = int(ev.targets[j])
         panels.append((i, true, pred, float(probs[pred])))
     panels.sort(key=lambda p: p[1] == p[2])  # stable: wrong ones first, dataset order kept
+    return panels
+
+
+def draw_sample_predictions(
+    images: npt.NDArray[np.uint8], panels: list[Panel], class_names: list[str], title: str
+) -> Figure:
+    """The grid: ``images`` uint8 [k, H, W, 3], one panel per entry of ``panels``."""
     n = max(1, len(panels))
     cols = min(n, max(4, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
@@ -42,7 +56,7 @@ def plot_sample_predictions(ev: EvalResult, class_names: list[str], k: int, titl
     fig.suptitle(f"{title}: {correct}/{len(panels)} right, misclassified first", fontsize=13)
     for slot, (i, true, pred, conf) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, slot + 1)
-        ax.imshow(ev.images[i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        ax.imshow(images[i], interpolation="nearest")
         ok = true == pred
         colour = RIGHT if ok else WRONG
         ax.set_title(
@@ -58,19 +72,42 @@ def plot_sample_predictions(ev: EvalResult, class_names: list[str], k: int, titl
     return fig
 
 
+def plot_sample_predictions(ev: EvalResult, class_names: list[str], k: int, title: str) -> Figure:
+    """The grid for the first ``k`` images of ``ev`` (misclassified first)."""
+    images = ev.images.permute(0, 2, 3, 1).cpu().numpy()
+    return draw_sample_predictions(images, sample_panels(ev, k), class_names, title)
+
+
+def write_sample_predictions(
+    images: npt.NDArray[np.uint8],
+    panels: list[Panel],
+    class_names: list[str],
+    title: str,
+    path: Path,
+) -> dict[str, Path]:
+    """Draw and save the grid; runs in the background worker."""
+    save_figure(draw_sample_predictions(images, panels, class_names, title), path)
+    return {"val/sample_predictions": path}
+
+
 class SamplePredictionsHook(Hook):
     """Writes ``epochs/NNN/sample_predictions.png`` from the validation results."""
 
     name = "sample_predictions"
 
     def on_epoch_end(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         ev = ctx.evals.get("val")
         k = ctx.recipe.hooks.sample_grid
         if ev is None or k < 1 or len(ev.images) == 0 or len(ev.targets) == 0:
             return
         title = f"Sample predictions, epoch {ctx.epoch + 1} ({ev.weights} weights)"
-        fig = plot_sample_predictions(ev, ctx.class_names, k, title)
-        path = save_figure(fig, ctx.epoch_dir() / "sample_predictions.png")
-        ctx.log_images({"val/sample_predictions": path})
+        images = ev.images[:k].permute(0, 2, 3, 1).cpu().numpy()
+        ctx.background.submit(
+            write_sample_predictions,
+            images,
+            sample_panels(ev, k),
+            ctx.class_names,
+            title,
+            ctx.epoch_dir() / "sample_predictions.png",
+            then=ctx.log_images,
+        )
