@@ -107,6 +107,12 @@ class DataConfig:
     """DataLoader worker processes per training process."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    cache: Literal["none", "ram", "disk", "auto"] = "auto"
+    """Decoded-image cache: decode and resize each image once (ram: shared memory for this run;
+    disk: kept in cache_dir for the next run; auto: ram if it fits in memory, else disk)."""
+    cache_dir: str = ""
+    """Folder of the disk cache (empty: $CLASSIFIER_TRAINING_CACHE or ~/.cache/classifier-training,
+    then decoded/)."""
     train_fit: Literal["letterbox", "stretch"] = "letterbox"
     """How a loader worker brings a train image to image_size: letterbox keeps the aspect."""
     sampler: Literal["disabled", "auto", "manual"] = "disabled"
