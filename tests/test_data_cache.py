@@ -114,7 +114,7 @@ def test_never_stale(index: DatasetIndex, tmp_path: Path) -> None:
     os.utime(sample.path, ns=(1, 1))
     rebuilt, built = open_or_build(index.train.samples, key, folder, workers=2)
     assert built and rebuilt.path != first.path
-    assert tuple(rebuilt.images[0][16, 20]) == pytest.approx((254, 0, 0), abs=2)
+    assert tuple(rebuilt.hwc(0)[16, 20]) == pytest.approx((254, 0, 0), abs=2)
     # A row fewer: another fingerprint too.
     shorter, built = open_or_build(index.train.samples[1:], key, folder, workers=2)
     assert built and len(shorter) == len(index.train) - 1

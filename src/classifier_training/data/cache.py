@@ -12,8 +12,9 @@ uint8 array (``bench/bench_loader.py``). ``data.cache``:
 * ``auto``: ``ram`` when all splits fit in half the available memory (the cgroup limit counts in
   a container) and in ``/dev/shm``, else ``disk`` when the disk has room, else ``none``.
 
-What is stored, per split, as one ``.npy`` array ``uint8 [N, S, S, 3]`` (memory-mapped read-only
-by every loader worker and every process of the machine, so the page cache holds one copy):
+What is stored, per split, as one ``.npy`` array ``uint8 [N, 3, S, S]`` (the model's channel
+order, so a batch is one fancy-index gather; memory-mapped read-only by every loader worker and
+every process of the machine, so the page cache holds one copy):
 
 * train splits: :func:`~classifier_training.data.preprocess.train_image` of the decoded image
   (letterbox/stretch to ``S``), i.e. the item *before* the random JPEG re-encode;
@@ -121,7 +122,7 @@ def fingerprint(samples: Sequence[Sample], key: CacheKey) -> str:
 
 
 class DecodedCache:
-    """One split's decoded images: ``images[i]`` uint8 [S, S, 3], ``native_sizes[i]`` (w, h).
+    """One split's decoded images: ``images[i]`` uint8 [3, S, S], ``native_sizes[i]`` (w, h).
 
     Opened read-only as a memory map. Pickles as its path (a spawned loader worker re-opens it).
     """
@@ -132,7 +133,7 @@ class DecodedCache:
         self.meta: dict[str, Any] = meta
         self.images: npt.NDArray[np.uint8] = np.load(path, mmap_mode="r")
         self.native_sizes: npt.NDArray[np.int32] = np.asarray(meta["native_sizes"], np.int32)
-        expected = (len(self.native_sizes), meta["image_size"], meta["image_size"], 3)
+        expected = (len(self.native_sizes), 3, meta["image_size"], meta["image_size"])
         if self.images.shape != expected or self.images.dtype != np.uint8:
             raise DataError(
                 f"{path}: decoded-image cache has shape {self.images.shape} {self.images.dtype}, "
@@ -151,6 +152,16 @@ class DecodedCache:
                 f"{self.path}: cached {len(self)} items {have}, the dataset needs {num_samples} "
                 f"items {want.preprocessing()}"
             )
+
+    def hwc(self, i: int) -> npt.NDArray[np.uint8]:
+        """Image ``i`` as a read-only uint8 [S, S, 3] view (what the preprocessing returned)."""
+        view: npt.NDArray[np.uint8] = self.images[i].transpose(1, 2, 0)
+        return view
+
+    def native_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image ``i``'s file."""
+        width, height = self.native_sizes[i]
+        return int(width), int(height)
 
     @property
     def nbytes(self) -> int:
@@ -210,7 +221,8 @@ def _decode_into(
     """Fill ``out[i]`` and ``sizes[i]`` for every sample on ``workers`` threads."""
 
     def fill(i: int) -> None:
-        out[i], sizes[i] = _decode_one(samples[i], key)
+        hwc, sizes[i] = _decode_one(samples[i], key)
+        out[i] = hwc.transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in pool.map(fill, range(len(samples))):
@@ -225,7 +237,7 @@ def build_cache(samples: Sequence[Sample], key: CacheKey, path: Path, workers: i
     sizes = np.zeros((len(samples), 2), np.int32)
     try:
         out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(samples), s, s, 3)
+            tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, s, s)
         )
         _decode_into(out, sizes, samples, key, workers)
         out.flush()

@@ -124,11 +124,9 @@ class ImageDataset(Dataset[Item]):
         """Sample ``i`` as uint8 HWC, exactly as ``__getitem__`` prepares it."""
         quality = self._jpeg_quality(i)
         if self.cache is not None:
-            cached = self.cache.images[i]
             if quality is None:
-                return np.array(cached)  # a copy: the map is read-only and shared
-            size = self.cache.native_sizes[i]
-            native = (int(size[0]), int(size[1]))
+                return np.array(self.cache.hwc(i))  # a copy: the map is read-only and shared
+            cached, native = self.cache.hwc(i), self.cache.native_size(i)
             return jpeg_on_cached(cached, native, self.image_size, self.train_fit, quality)
         img = self.load(i)
         if self.mode == "eval":
@@ -146,6 +144,25 @@ class ImageDataset(Dataset[Item]):
             return None
         lo, hi = self.jpeg_quality
         return int(rng.integers(lo, hi + 1))
+
+    def __getitems__(self, indices: list[int]) -> list[Item]:
+        """A batch's items (the DataLoader's batched fetch); with a cache the images come from
+        one gather out of the map, and only the JPEG draws are re-encoded."""
+        if self.cache is None:
+            return [self[i] for i in indices]
+        cache = self.cache
+        images = torch.from_numpy(cache.images[np.asarray(indices, dtype=np.int64)])
+        items = []
+        for j, i in enumerate(indices):
+            quality = self._jpeg_quality(i)
+            if quality is not None:
+                hwc = jpeg_on_cached(
+                    cache.hwc(i), cache.native_size(i), self.image_size, self.train_fit, quality
+                )
+                images[j] = torch.from_numpy(hwc).permute(2, 0, 1)
+            target = torch.tensor(self.samples[i].target, dtype=torch.int64)
+            items.append({"image": images[j], "target": target, "index": torch.tensor(i)})
+        return items
 
     def __getitem__(self, i: int) -> Item:
         if not 0 <= i < len(self.samples):
