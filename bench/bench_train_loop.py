@@ -37,7 +37,7 @@ from classifier_training.runtime import resolve_mixed_precision, usable_cpus
 
 
 def bare_loop(arch: str, size: int, batch: int, steps: int, device: torch.device) -> float:
-    precision = resolve_mixed_precision("auto", cuda=device.type == "cuda")
+    precision, _ = resolve_mixed_precision("auto")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     model = timm.create_model(arch, num_classes=42).to(device)
     channels_last = device.type == "cuda"
@@ -119,7 +119,7 @@ def main() -> int:
     bare = (bare_before + bare_after) / 2
     print(f"device {device}, {args.arch} {args.size}px batch {args.batch}, "
           f"{torch.get_num_threads()} threads, precision "
-          f"{resolve_mixed_precision('auto', cuda=device.type == 'cuda')}")  # fmt: skip
+          f"{resolve_mixed_precision('auto')[0]}")  # fmt: skip
     print(f"bare fwd/bwd/AdamW       {bare:9.1f} img/s   (before {bare_before:.1f}, "
           f"after {bare_after:.1f})")  # fmt: skip
     print(f"train loop (no aug)      {loop:9.1f} img/s   ratio {loop / bare:.3f}")

@@ -254,7 +254,12 @@ class TrainConfig:
     overwrite: bool = False
     """Allow starting a fresh run in an output_dir that already has checkpoints."""
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
-    """auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    """auto: accelerate launch's --mixed_precision if given, else bf16 on GPUs of compute
+    capability >= 8.0, fp16 (+GradScaler) on older GPUs, bf16 on CPUs with native bf16, else no."""
+    compile: bool = False
+    """torch.compile the model for the training step (the first steps pay the compilation)."""
+    require_gpu: bool = False
+    """Stop with an error when CUDA is unavailable instead of training on the CPU."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer update."""
     max_batches_per_epoch: int = 0
@@ -330,6 +335,9 @@ class HooksConfig:
     """Images in the sample-predictions grid."""
     confusion_every: int = 1
     """Write the confusion matrix every N epochs (and always at the last one)."""
+    background: Literal["process", "thread", "inline"] = "process"
+    """Where hooks draw their figures: a worker process beside training (default), a thread,
+    or inline in the hook round (blocks training)."""
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Training curves redrawn from ``metrics.jsonl`` after every epoch.
 
-The engine appends the epoch's line before the hooks run, so the plots written at epoch k
+The epoch that just ended comes from ``ctx.metrics`` (the engine writes its line after the
+hooks, with the hooks' time in it), earlier ones from the file, so the plots written at epoch k
 include epoch k. Files (overwritten each epoch)::
 
     history/loss.png       train/loss, val/loss (+ val_raw, val_ema when present)
@@ -104,6 +105,9 @@ class HistoryHook(Hook):
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         rows = read_history(ctx.run_dir / "metrics.jsonl")
+        current = ctx.metrics.get("epoch")
+        if current is not None:  # this epoch's line is written after the hooks: take ctx's
+            rows = [r for r in rows if float(r["epoch"]) < float(current)] + [dict(ctx.metrics)]
         if not rows:
             return
         # Drawn beside training; a newer epoch's curves replace a redraw that has not started.
