@@ -36,6 +36,7 @@ from classifier_training.engine.setup import setup
 from classifier_training.hooks import run_hooks
 from classifier_training.model import PretrainedWeightsError
 from classifier_training.recipe import Recipe, parse_recipe
+from classifier_training.runtime import GpuUnavailableError
 from classifier_training.timing import timing_summary
 
 log = logging.getLogger("train")
@@ -94,6 +95,7 @@ USER_ERRORS = (
     SyntheticDatasetError,
     ExportError,
     FileNotFoundError,
+    GpuUnavailableError,
 )
 
 

@@ -114,8 +114,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+class GpuUnavailableError(RuntimeError):
+    """``train.require_gpu`` is on and torch sees no CUDA device; the message says why."""
+
+
 def require_cuda() -> None:
-    """Raise RuntimeError explaining why CUDA is unavailable (``train.require_gpu``)."""
+    """Raise GpuUnavailableError explaining why CUDA is unavailable (``train.require_gpu``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         available = torch.cuda.is_available()
@@ -123,7 +127,7 @@ def require_cuda() -> None:
         return
     # torch hides the reason in a warning ("The NVIDIA driver on your system is too old ...").
     reasons = "; ".join(str(w.message).strip() for w in caught) or "no CUDA device is visible"
-    raise RuntimeError(
+    raise GpuUnavailableError(
         f"train.require_gpu is on but CUDA is unavailable ({reasons}). torch {torch.__version__} "
         f"is built for CUDA {torch.version.cuda}: the host needs a matching NVIDIA driver "
         "(nvidia-smi shows the CUDA version it supports) and the container a GPU "
