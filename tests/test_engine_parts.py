@@ -26,7 +26,7 @@ from classifier_training.optim import (
     build_scheduler,
     updates_per_epoch,
 )
-from classifier_training.recipe import LossConfig, OptimConfig, ScheduleConfig
+from classifier_training.recipe import LossConfig, OptimConfig, ScheduleConfig, TrainConfig
 from classifier_training.runtime import exact_fp32, require_cuda, resolve_mixed_precision
 
 
@@ -174,6 +174,10 @@ def test_require_gpu_explains_a_missing_gpu(monkeypatch: pytest.MonkeyPatch) -> 
     expected = r"CUDA is unavailable \(CUDA initialization: The NVIDIA driver .* too old\)"
     with pytest.raises(RuntimeError, match=expected):
         require_cuda()
+    # The Docker image turns the switch on through the environment; a flag still wins.
+    assert not TrainConfig().require_gpu
+    monkeypatch.setenv("CLASSIFIER_TRAINING_REQUIRE_GPU", "1")
+    assert TrainConfig().require_gpu
 
 
 def _save(

@@ -191,6 +191,7 @@ def test_dockerfile_layers_user_entrypoint_and_secrets() -> None:
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0
     assert lines[-1] == 'ENTRYPOINT ["accelerate", "launch", "src/train.py"]'
+    assert any("CLASSIFIER_TRAINING_REQUIRE_GPU=1" in ln for ln in lines)  # no CPU fallback
     for ln in lines:
         if ln.startswith(("ENV ", "ARG ")):
             assert not re.search(r"(KEY|TOKEN|SECRET|PASSWORD)", ln, re.I), ln
@@ -292,12 +293,10 @@ def test_vertex_job_spec_runs_on_a_t4_and_hides_the_key(tmp_path: Path) -> None:
     assert container["imageUri"] == (
         "us-east1-docker.pkg.dev/demo/classifier-training/classifier-training:latest"
     )
-    assert container["args"][0] == "/gcs/my-bucket/runs/r18-a"
-    assert container["args"][1:] == [
+    assert container["args"][:2] == ["/gcs/my-bucket/runs/r18-a", "/gcs/my-bucket/datasets/jerseys"]
+    assert container["args"][2:] == [
         "--recipe",
         "recipes/basketball_r18.yaml",
-        "--data.root",
-        "/gcs/my-bucket/datasets/jerseys",
         "--logging.wandb",
         "true",
         "--logging.run_name",
@@ -320,17 +319,31 @@ def test_vertex_job_command_resumes_when_checkpoints_exist(tmp_path: Path) -> No
     (fake_bin / "accelerate").chmod(0o755)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    env = {"PATH": f"{fake_bin}{os.pathsep}{TOOL_PATH}"}
+    data_dir = tmp_path / "gcs" / "d"
+    for rel in ("train/annotations.jsonl", "train/images/a b.jpg", "valid/annotations.jsonl"):
+        (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / rel).write_text(rel)
+    local = tmp_path / "local"
+    env = {"PATH": f"{fake_bin}{os.pathsep}{TOOL_PATH}", "LOCAL_DATA_DIR": str(local)}
 
-    fresh = run([*command, str(run_dir), "--recipe", "r.yaml"], env=env)
+    fresh = run([*command, str(run_dir), str(data_dir), "--recipe", "r.yaml"], env=env)
     assert fresh.returncode == 0, fresh.stderr
+    assert f"copied {data_dir} to {local} in " in fresh.stdout
+    assert (local / "train" / "images" / "a b.jpg").read_text() == "train/images/a b.jpg"
     assert fresh.stdout.strip().splitlines()[-1] == (
-        f"accelerate launch src/train.py --train.output_dir {run_dir} --recipe r.yaml"
+        f"accelerate launch src/train.py --train.output_dir {run_dir} --data.root {local} "
+        "--recipe r.yaml"
     )
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "ledger.json").write_text("{}")
-    resumed = run([*command, str(run_dir), "--recipe", "r.yaml"], env=env)
+    resumed = run([*command, str(run_dir), str(data_dir), "--recipe", "r.yaml"], env=env)
     assert resumed.stdout.strip().splitlines()[-1].endswith("--recipe r.yaml --train.resume auto")
+
+    spec, _ = vertex_spec(tmp_path, "--data", "gs://my-bucket/d", "--no-copy-data")
+    command = spec["workerPoolSpecs"][0]["containerSpec"]["command"]
+    direct = run([*command, str(run_dir), str(data_dir)], env=env)
+    assert "copied" not in direct.stdout
+    assert f"--data.root {data_dir} --train.resume auto" in direct.stdout.splitlines()[-1]
 
 
 def test_vertex_job_rejects_a_non_gcs_data_path(tmp_path: Path) -> None:

@@ -258,8 +258,11 @@ class TrainConfig:
     capability >= 8.0, fp16 (+GradScaler) on older GPUs, bf16 on CPUs with native bf16, else no."""
     compile: bool = False
     """torch.compile the model for the training step (the first steps pay the compilation)."""
-    require_gpu: bool = False
-    """Stop with an error when CUDA is unavailable instead of training on the CPU."""
+    require_gpu: bool = field(
+        default_factory=lambda: os.environ.get("CLASSIFIER_TRAINING_REQUIRE_GPU", "") == "1"
+    )
+    """Stop with an error when CUDA is unavailable instead of training on the CPU (default: on
+    when $CLASSIFIER_TRAINING_REQUIRE_GPU is 1, as in the Docker image)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer update."""
     max_batches_per_epoch: int = 0
