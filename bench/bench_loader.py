@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from classifier_training.data.cache import open_caches
 from classifier_training.data.dataset import ImageDataset
 from classifier_training.data.index import index_dataset
-from classifier_training.synthetic import generate
+from classifier_training.data.synthetic import generate
 
 TARGETS = {"T4 (est.)": 1_500, "H200 ceiling": 18_000}
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from bench_train_loop import bare_loop
 
+from classifier_training.data.synthetic import generate
 from classifier_training.runtime import usable_cpus
-from classifier_training.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("data", "augment", "step", "eval", "checkpoint", "hooks", "blocking", "epoch")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train as train_script
 from classifier_training.checkpoint import EMA_FILE
-from classifier_training.synthetic import generate
+from classifier_training.data.synthetic import generate
 from classifier_training.timing import PHASES
 from test_train_e2e import tiny_recipe
 
