@@ -39,6 +39,7 @@ from classifier_training.data.cache import open_caches
 from classifier_training.data.dataset import ImageDataset
 from classifier_training.data.index import index_dataset
 from classifier_training.data.synthetic import generate
+from classifier_training.recipe import SyntheticConfig
 
 TARGETS = {"T4 (est.)": 1_500, "H200 ceiling": 18_000}
 
@@ -70,8 +71,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         per_class = max(1, math.ceil(args.images / 42))
-        generate(data, train_per_class=per_class, valid_per_class=1, test_per_class=1,
-                 image_size=args.size)  # fmt: skip
+        cfg = SyntheticConfig(train_per_class=per_class, valid_per_class=1, test_per_class=1,
+                              image_size=args.size)  # fmt: skip
+        generate(data, cfg)
         index = index_dataset(data)
         samples = index.train.samples
         with Image.open(samples[0].path) as im:

@@ -33,6 +33,7 @@ import torch
 from bench_train_loop import bare_loop
 
 from classifier_training.data.synthetic import generate
+from classifier_training.recipe import SyntheticConfig
 from classifier_training.runtime import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +59,9 @@ def dataset(args: argparse.Namespace) -> Path:
     data = args.out / f"data-{args.size}px-{args.per_class}-{args.eval_per_class}"
     if not (data / "dataset.json").is_file():
         start = time.perf_counter()
-        generate(data, train_per_class=args.per_class, valid_per_class=args.eval_per_class,
-                 test_per_class=args.eval_per_class, image_size=args.size)  # fmt: skip
+        cfg = SyntheticConfig(train_per_class=args.per_class, valid_per_class=args.eval_per_class,
+                              test_per_class=args.eval_per_class, image_size=args.size)  # fmt: skip
+        generate(data, cfg)
         print(f"rendered {data} in {time.perf_counter() - start:.0f} s", flush=True)
     return data
 

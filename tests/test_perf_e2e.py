@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import train as train_script
 from classifier_training.checkpoint import EMA_FILE
 from classifier_training.data.synthetic import generate
+from classifier_training.recipe import SyntheticConfig
 from classifier_training.timing import PHASES
 from test_train_e2e import tiny_recipe
 
@@ -27,8 +28,9 @@ DRAWING_HOOKS = ("confusion_matrix", "history", "sample_predictions", "sampler_d
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data") / "jerseys"
-    generate(root, labels=("0", "00", "1", "7"), train_per_class=10, valid_per_class=3,
-             test_per_class=2, image_size=32, seed=1)  # fmt: skip
+    cfg = SyntheticConfig(labels=["0", "00", "1", "7"], train_per_class=10, valid_per_class=3,
+                          test_per_class=2, image_size=32, seed=1)  # fmt: skip
+    generate(root, cfg)
     return root
 
 
