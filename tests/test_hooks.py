@@ -276,6 +276,31 @@ def test_history_keeps_the_last_line_of_a_replayed_epoch(tmp_path: Path) -> None
     assert rows == [{"epoch": 1.0, "train/loss": 1.0}]
 
 
+def test_history_takes_the_epoch_that_just_ended_from_the_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine writes an epoch's line after the hooks (with their time in it): the hook must
+    plot ``ctx.metrics`` for that epoch, and a stale line of it (a replayed epoch) loses."""
+    drawn: list[list[dict[str, Any]]] = []
+    monkeypatch.setattr(history_module, "save_figure", lambda fig, path, dpi=150: path)
+    real_plot = history_module.plot_series
+
+    def spy(rows: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Figure:
+        drawn.append(list(rows))
+        return real_plot(rows, *args, **kwargs)
+
+    monkeypatch.setattr(history_module, "plot_series", spy)
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(metrics_row(e)) + "\n" for e in (1, 2)) + '{"epoch": 3.0}\n'
+    )
+    ctx = make_ctx(tmp_path)
+    ctx.epoch, ctx.metrics = 2, metrics_row(3)
+    HistoryHook().on_epoch_end(ctx)
+    ctx.background.wait()
+    assert [r["epoch"] for r in drawn[0]] == [1, 2, 3]
+    assert drawn[0][-1] == metrics_row(3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sample predictions
 
