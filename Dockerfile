@@ -2,6 +2,9 @@
 #   docker run --gpus all --shm-size=8g -v /path/to/basketball-jersey-numbers-ocr:/data:ro \
 #       -v "$PWD/runs:/app/runs" IMAGE --recipe recipes/basketball_r18.yaml --data.root /data
 # (the runs folder must be writable by uid 10001; see docs/GCP.md)
+# CLASSIFIER_TRAINING_REQUIRE_GPU=1 makes train.require_gpu default to true in the image: without a
+# usable GPU (e.g. a host driver too old for CUDA 13) training stops with the reason instead of
+# silently running on the CPU; --train.require_gpu false overrides it.
 #
 # Base image. The pinned torch (requirements.lock) is the default PyPI Linux wheel, built for
 # CUDA 13.0, and it brings its own CUDA 13 user-space libraries as nvidia-* wheels (cuBLAS,
@@ -33,7 +36,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    MPLBACKEND=Agg
+    MPLBACKEND=Agg \
+    CLASSIFIER_TRAINING_REQUIRE_GPU=1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 

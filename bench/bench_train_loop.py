@@ -7,13 +7,16 @@ Runs, in one process and on the same device/precision/memory format:
 1. bare:      model(x) -> cross-entropy -> backward -> clip -> AdamW.step on one fixed batch
               already on the device (the ceiling; no data loading, no augmentation);
 2. loop:      ``train.train()`` with ``augment.preset none`` (loader + Accelerate + EMA +
-              schedule + metrics; the framework's own cost);
-3. loop+aug:  ``train.train()`` with the jersey preset (what a user actually runs).
+              schedule + metrics; the framework's own cost), decoding every epoch;
+3. loop+aug:  ``train.train()`` with the jersey preset (what a user actually runs), decoding
+              every epoch (``data.cache none``) and then with the decoded-image cache
+              (``data.cache ram``: a gather, plus the JPEG re-encode on cached pixels).
 
 The bare loop is timed before and after the two ``train()`` runs (their spread shows the
 machine's noise). Each ``train()`` runs 2 epochs of ``--batches`` batches; the second epoch's
 ``train/img_per_s`` is used (the first pays one-time kernel set-up). Prints img/s and the
-ratios loop/bare and loop+aug/bare measured in this run. Run by hand; not a test.
+ratios loop/bare and loop+aug/bare measured in this run, and the runs' per-phase seconds of the
+second epoch (``time/*``). Run by hand; not a test.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from classifier_training.runtime import resolve_mixed_precision, usable_cpus
 
 
 def bare_loop(arch: str, size: int, batch: int, steps: int, device: torch.device) -> float:
-    precision = resolve_mixed_precision("auto", cuda=device.type == "cuda")
+    precision, _ = resolve_mixed_precision("auto")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     model = timm.create_model(arch, num_classes=42).to(device)
     channels_last = device.type == "cuda"
@@ -73,7 +76,9 @@ def bare_loop(arch: str, size: int, batch: int, steps: int, device: torch.device
     return steps * batch / (time.perf_counter() - start)
 
 
-def framework_loop(args: argparse.Namespace, data: Path, out: Path, preset: str) -> float:
+def framework_loop(
+    args: argparse.Namespace, data: Path, out: Path, preset: str, cache: str
+) -> dict[str, float]:
     AcceleratorState._reset_state(True)
     recipe = parse_recipe(
         [
@@ -82,13 +87,14 @@ def framework_loop(args: argparse.Namespace, data: Path, out: Path, preset: str)
             "--model.arch", args.arch, "--model.pretrained", "false",
             "--train.epochs", "2", "--train.max_batches_per_epoch", str(args.batches),
             "--train.output_dir", str(out), "--train.eval_test", "false",
-            "--augment.preset", preset, "--logging.progress", "off", "--hooks.enabled",
+            "--augment.preset", preset, "--data.cache", cache, "--logging.progress", "off",
+            "--hooks.enabled",
             *args.extra,
         ]
     )  # fmt: skip
     train_script.train(recipe)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return float(rows[-1]["train/img_per_s"])
+    return {k: float(v) for k, v in rows[-1].items() if isinstance(v, (int, float))}
 
 
 def main() -> int:
@@ -113,17 +119,22 @@ def main() -> int:
         )
         # The bare ceiling is timed before and after the loops; their spread is the noise floor.
         bare_before = bare_loop(args.arch, args.size, args.batch, args.batches, device)
-        loop = framework_loop(args, data, Path(tmp) / "run-none", "none")
-        loop_aug = framework_loop(args, data, Path(tmp) / "run-jersey", "jersey")
+        runs = {
+            "train loop (no aug)": framework_loop(args, data, Path(tmp) / "a", "none", "none"),
+            "loop + jersey aug": framework_loop(args, data, Path(tmp) / "b", "jersey", "none"),
+            "loop + jersey + cache": framework_loop(args, data, Path(tmp) / "c", "jersey", "ram"),
+        }
         bare_after = bare_loop(args.arch, args.size, args.batch, args.batches, device)
     bare = (bare_before + bare_after) / 2
     print(f"device {device}, {args.arch} {args.size}px batch {args.batch}, "
           f"{torch.get_num_threads()} threads, precision "
-          f"{resolve_mixed_precision('auto', cuda=device.type == 'cuda')}")  # fmt: skip
+          f"{resolve_mixed_precision('auto')[0]}")  # fmt: skip
     print(f"bare fwd/bwd/AdamW       {bare:9.1f} img/s   (before {bare_before:.1f}, "
           f"after {bare_after:.1f})")  # fmt: skip
-    print(f"train loop (no aug)      {loop:9.1f} img/s   ratio {loop / bare:.3f}")
-    print(f"train loop (jersey aug)  {loop_aug:9.1f} img/s   ratio {loop_aug / bare:.3f}")
+    for name, m in runs.items():
+        ips = m["train/img_per_s"]
+        phases = ", ".join(f"{p} {m[f'time/{p}_s']:.2f}" for p in ("data", "augment", "step"))
+        print(f"{name:<25}{ips:9.1f} img/s   ratio {ips / bare:.3f}   ({phases} s)")
     return 0
 
 

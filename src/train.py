@@ -10,9 +10,11 @@ The algorithm, top to bottom (the pieces live in ``classifier_training.engine``)
    ``train_one_epoch``: batched augmentation on the device -> forward/backward under
    ``accumulate`` -> clip -> step -> EMA + schedule per update (a real, unskipped step);
    ``validate``: raw and EMA weights on val, the selected ones reported as ``val/``;
-   ``end_epoch``: best value and patience (``track_best``), checkpoint (top-k), metrics.jsonl +
-   trackers, epoch hooks, early stopping agreed across processes
-3. ``test_best``: the test split with the best selected weights; fit-end hooks (export)
+   ``end_epoch``: best value and patience (``track_best``), checkpoint (top-k), epoch hooks
+   (their figures drawn in the background), early stopping agreed across processes,
+   metrics.jsonl + trackers with the epoch's per-phase timings (``run.timer``)
+3. ``test_best``: the test split with the best selected weights; fit-end hooks (export); the
+   timing summary
 
 The run folder is locked for the whole run (``run.guard``). Exit status: 0 done; 2 bad input or
 an unusable run folder (one ``error:`` line); 75 stopped by SIGTERM/SIGINT after writing a
@@ -39,6 +41,8 @@ from classifier_training.hooks import run_hooks
 from classifier_training.model import PretrainedWeightsError
 from classifier_training.preemption import EXIT_PREEMPTED, PreemptedError, watch_launcher
 from classifier_training.recipe import Recipe, parse_recipe
+from classifier_training.runtime import GpuUnavailableError
+from classifier_training.timing import timing_summary
 
 log = logging.getLogger("train")
 
@@ -58,21 +62,31 @@ def train(recipe: Recipe, *, callbacks: Sequence[LoopCallback] = ()) -> TrainRes
     """
     run, state = setup(recipe)
     with run.guard:  # holds the run folder's lock; SIGTERM/SIGINT -> checkpoint, PreemptedError
-        run_hooks(run.hooks, "on_fit_start", run.ctx)
-        stopped_early = False
-        for epoch in range(state.epoch, recipe.train.epochs):
-            train_metrics = train_one_epoch(run, state, epoch, callbacks)
-            val = validate(run, train_metrics)
-            stopped_early = end_epoch(run, state, epoch, val)
-            if stopped_early:
-                break
-        final_metrics = test_best(run, state)
-        ctx = run.ctx
-        ctx.metrics = final_metrics
-        ctx.best_checkpoint = run.checkpoints.best_path
-        ctx.last_checkpoint = run.checkpoints.last_path
-        ctx.extra["stopped_early"] = stopped_early
-        run_hooks(run.hooks, "on_fit_end", ctx)
+        try:
+            run_hooks(run.hooks, "on_fit_start", run.ctx)
+            stopped_early = False
+            for epoch in range(state.epoch, recipe.train.epochs):
+                run.timer.start_epoch()
+                with run.timer.phase("train"):
+                    train_metrics = train_one_epoch(run, state, epoch, callbacks)
+                with run.timer.phase("eval"):
+                    val = validate(run, train_metrics)
+                stopped_early = end_epoch(run, state, epoch, val)
+                if stopped_early:
+                    break
+            final_metrics = test_best(run, state)
+            ctx = run.ctx
+            ctx.metrics = final_metrics
+            ctx.best_checkpoint = run.checkpoints.best_path
+            ctx.last_checkpoint = run.checkpoints.last_path
+            ctx.extra["stopped_early"] = stopped_early
+            run_hooks(run.hooks, "on_fit_end", ctx)
+            background = run.ctx.background.busy_seconds
+            run.accelerator.print(timing_summary(run.metrics_log.read(), background))
+        finally:
+            run.ctx.background.close(cancel=True)  # after a failure: drop what has not started
+            if run.accelerator.is_local_main_process:
+                run.caches.release()
         run.accelerator.end_training()
     return TrainResult(run.run_dir, state, run.checkpoints.best_path, final_metrics)
 
@@ -85,6 +99,7 @@ USER_ERRORS = (
     SyntheticDatasetError,
     ExportError,
     FileNotFoundError,
+    GpuUnavailableError,
 )
 
 

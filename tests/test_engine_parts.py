@@ -26,8 +26,8 @@ from classifier_training.optim import (
     build_scheduler,
     updates_per_epoch,
 )
-from classifier_training.recipe import LossConfig, OptimConfig, ScheduleConfig
-from classifier_training.runtime import resolve_mixed_precision
+from classifier_training.recipe import LossConfig, OptimConfig, ScheduleConfig, TrainConfig
+from classifier_training.runtime import exact_fp32, require_cuda, resolve_mixed_precision
 
 
 @pytest.fixture
@@ -116,12 +116,68 @@ def test_metrics_micro_top5_per_class() -> None:
     assert "val/acc_class/3" not in m2 and m2["val/acc_top1"] == pytest.approx(1.0)
 
 
-def test_mixed_precision_resolution() -> None:
-    assert resolve_mixed_precision("auto", cuda=True) == "fp16"
-    assert resolve_mixed_precision("auto", cuda=False) in ("bf16", "no")
-    assert resolve_mixed_precision("no", cuda=False) == "no"
-    with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        resolve_mixed_precision("fp16", cuda=False)
+def test_mixed_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("classifier_training.runtime.cpu_supports_bf16", lambda: True)
+    t4, a100 = (7, 5), (8, 0)
+    assert resolve_mixed_precision("auto", t4, "")[0] == "fp16"
+    assert resolve_mixed_precision("auto", a100, "") == (
+        "bf16",
+        "auto: native bf16 on compute capability 8.0",
+    )
+    assert resolve_mixed_precision("auto", None, "no")[0] == "bf16"  # the launcher's default
+    assert resolve_mixed_precision("no", None, "")[0] == "no"
+    with pytest.raises(ValueError, match=r"fp16 .* needs CUDA"):
+        resolve_mixed_precision("fp16", None, "")
+    with pytest.raises(ValueError, match=r"bf16 .* compute capability 7\.5: bf16 is emulated"):
+        resolve_mixed_precision("bf16", t4, "")
+    # accelerate launch --mixed_precision / accelerate config: honoured by auto ...
+    assert resolve_mixed_precision("auto", a100, "fp16") == (
+        "fp16",
+        "fp16 from accelerate launch/config",
+    )
+    with pytest.raises(ValueError, match="from accelerate launch/config"):
+        resolve_mixed_precision("auto", t4, "bf16")  # ... and checked like an explicit choice
+    # ... while an explicit recipe value wins, and says so.
+    assert resolve_mixed_precision("bf16", a100, "fp16") == (
+        "bf16",
+        "train.mixed_precision=bf16, overriding accelerate launch/config's fp16",
+    )
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert resolve_mixed_precision("auto", a100)[0] == "fp16"
+    monkeypatch.setattr("classifier_training.runtime.cpu_supports_bf16", lambda: False)
+    assert resolve_mixed_precision("auto", None, "no") == (
+        "no",
+        "auto: fp32, the CPU has no native bf16",
+    )
+
+
+def test_exact_fp32_turns_tf32_off_and_restores() -> None:
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    with exact_fp32():
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_require_gpu_explains_a_missing_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    def unavailable() -> bool:
+        warnings.warn(
+            "CUDA initialization: The NVIDIA driver on your system is too old", stacklevel=1
+        )
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
+    expected = r"CUDA is unavailable \(CUDA initialization: The NVIDIA driver .* too old\)"
+    with pytest.raises(RuntimeError, match=expected):
+        require_cuda()
+    # The Docker image turns the switch on through the environment; a flag still wins.
+    assert not TrainConfig().require_gpu
+    monkeypatch.setenv("CLASSIFIER_TRAINING_REQUIRE_GPU", "1")
+    assert TrainConfig().require_gpu
 
 
 def _save(

@@ -23,7 +23,14 @@ from classifier_training.deploy.onnx_export import export_run
 from classifier_training.recipe import ExportConfig
 from test_onnx_export import make_run
 
-BUNDLE = ["README.md", "export.json", "labels_mapping.json", "model.onnx", "model.safetensors"]
+BUNDLE = [
+    "README.md",
+    "export.json",
+    "labels_mapping.json",
+    "model.onnx",
+    "model.safetensors",
+    "reliability.png",
+]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

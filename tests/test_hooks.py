@@ -22,7 +22,7 @@ from classifier_training.data.imbalance import WeightedClassSampler
 from classifier_training.data.index import DatasetIndex, index_dataset
 from classifier_training.data.synthetic import DEFAULT_LABELS
 from classifier_training.evaluation import EvalResult
-from classifier_training.hooks import HOOKS, build_hooks
+from classifier_training.hooks import HOOKS, build_hooks, run_hooks
 from classifier_training.hooks import history as history_module
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook, confusion_counts
@@ -47,6 +47,8 @@ def fake_accelerator(main: bool = True) -> Any:
         device=torch.device("cpu"),
         print=lambda *a, **k: printed.append(" ".join(map(str, a))),
         unwrap_model=lambda m: m,
+        set_trigger=lambda: None,
+        check_trigger=lambda: False,
         printed=printed,
     )
 
@@ -63,6 +65,7 @@ def make_ctx(
     main: bool = True,
 ) -> FitContext:
     logged: dict[str, Path] = {}
+    logged_metrics: dict[str, float] = {}
     ctx = FitContext(
         recipe=recipe or Recipe(data=DataConfig(image_size=SIZE)),
         accelerator=fake_accelerator(main),
@@ -74,8 +77,10 @@ def make_ctx(
         augment=augment,
         class_names=list(class_names),
         log_images=logged.update,
+        log_metrics=logged_metrics.update,
     )
     ctx.extra["logged"] = logged
+    ctx.extra["logged_metrics"] = logged_metrics
     return ctx
 
 
@@ -147,6 +152,7 @@ def test_confusion_matrix_at_42_classes(tmp_path: Path) -> None:
     ctx.best_checkpoint = tmp_path / "checkpoints" / "epoch-001"  # drawn as the best epoch
     ctx.evals = {"val": eval_result(targets, preds, len(names))}
     ConfusionMatrixHook().on_epoch_end(ctx)
+    ctx.background.wait()  # the figures' tracker images are logged once written
     out = tmp_path / "epochs" / "001"
     assert_png(out / "confusion_matrix.png", min_side=1500)
     assert_png(out / "confusion_matrix_normalized.png", min_side=1500)
@@ -268,6 +274,31 @@ def test_history_keeps_the_last_line_of_a_replayed_epoch(tmp_path: Path) -> None
     assert rows == [{"epoch": 1.0, "train/loss": 1.0}]
 
 
+def test_history_takes_the_epoch_that_just_ended_from_the_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine writes an epoch's line after the hooks (with their time in it): the hook must
+    plot ``ctx.metrics`` for that epoch, and a stale line of it (a replayed epoch) loses."""
+    drawn: list[list[dict[str, Any]]] = []
+    monkeypatch.setattr(history_module, "save_figure", lambda fig, path, dpi=150: path)
+    real_plot = history_module.plot_series
+
+    def spy(rows: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Figure:
+        drawn.append(list(rows))
+        return real_plot(rows, *args, **kwargs)
+
+    monkeypatch.setattr(history_module, "plot_series", spy)
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(metrics_row(e)) + "\n" for e in (1, 2)) + '{"epoch": 3.0}\n'
+    )
+    ctx = make_ctx(tmp_path)
+    ctx.epoch, ctx.metrics = 2, metrics_row(3)
+    HistoryHook().on_epoch_end(ctx)
+    ctx.background.wait()
+    assert [r["epoch"] for r in drawn[0]] == [1, 2, 3]
+    assert drawn[0][-1] == metrics_row(3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sample predictions
 
@@ -283,6 +314,7 @@ def test_sample_predictions_grid(tmp_path: Path) -> None:
     ctx.epoch = 4
     ctx.evals = {"val": ev}
     SamplePredictionsHook().on_epoch_end(ctx)
+    ctx.background.wait()
     assert_png(tmp_path / "run" / "epochs" / "005" / "sample_predictions.png")
     assert "val/sample_predictions" in ctx.extra["logged"]
     mistakes, per_class = select_samples(
@@ -335,7 +367,8 @@ def test_sampler_distribution(tmp_path: Path) -> None:
     assert sum(c["sampled"] for c in classes.values()) == 400
     assert all(c["expected"] == pytest.approx(80.0) for c in classes.values())
     assert classes["0"]["train_rows"] == 8
-    assert ctx.extra["sampler_counts"] == {k: v["sampled"] for k, v in classes.items()}
+    expected = {f"sampler/count/{k}": v["sampled"] for k, v in classes.items()}
+    assert ctx.extra["logged_metrics"] == expected
     assert any("Sampler distribution" in line for line in ctx.accelerator.printed)
 
     quiet = make_ctx(tmp_path / "run2", index=index, loaders=SimpleNamespace(sampler=None))
@@ -372,9 +405,7 @@ def test_hooks_write_nothing_on_other_processes(tmp_path: Path) -> None:
     }
     (run).mkdir()
     (run / "metrics.jsonl").write_text('{"epoch": 1.0, "train/loss": 1.0}\n')
-    for cls in HOOKS.values():
-        hook = cls()
-        hook.on_fit_start(ctx)
-        hook.on_epoch_end(ctx)
-        hook.on_fit_end(ctx)
+    hooks = [cls() for cls in HOOKS.values()]
+    for phase in ("on_fit_start", "on_epoch_end", "on_fit_end"):
+        run_hooks(hooks, phase, ctx)  # type: ignore[arg-type]
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

@@ -194,6 +194,7 @@ def test_dockerfile_layers_user_entrypoint_and_secrets() -> None:
     entrypoint = json.loads(lines[-1].removeprefix("ENTRYPOINT "))
     assert entrypoint[:3] == ["/usr/bin/tini", "-g", "--"]  # signals reach the trainer
     assert "exec accelerate launch src/train.py" in entrypoint[-2]
+    assert any("CLASSIFIER_TRAINING_REQUIRE_GPU=1" in ln for ln in lines)  # no CPU fallback
     for ln in lines:
         if ln.startswith(("ENV ", "ARG ")):
             assert not re.search(r"(KEY|TOKEN|SECRET|PASSWORD)", ln, re.I), ln
@@ -295,16 +296,10 @@ def test_vertex_job_spec_runs_on_a_t4_and_hides_the_key(tmp_path: Path) -> None:
     assert container["imageUri"] == (
         "us-east1-docker.pkg.dev/demo/classifier-training/classifier-training:latest"
     )
-    assert "command" not in container  # the image's ENTRYPOINT (tini) stays in charge of signals
-    assert container["args"] == [
-        "--train.output_dir",
-        "/gcs/my-bucket/runs/r18-a",
-        "--train.resume",
-        "auto_or_new",
+    assert container["args"][:2] == ["/gcs/my-bucket/runs/r18-a", "/gcs/my-bucket/datasets/jerseys"]
+    assert container["args"][2:] == [
         "--recipe",
         "recipes/basketball_r18.yaml",
-        "--data.root",
-        "/gcs/my-bucket/datasets/jerseys",
         "--logging.wandb",
         "true",
         "--logging.run_name",
@@ -317,17 +312,39 @@ def test_vertex_job_spec_runs_on_a_t4_and_hides_the_key(tmp_path: Path) -> None:
     assert "gcloud ai custom-jobs create --project=demo --region=us-east1" in out
 
 
-def test_vertex_job_args_are_trainer_flags_that_resume_or_start(tmp_path: Path) -> None:
-    """No shell logic in the job: the trainer's own --train.resume auto_or_new decides."""
-    from classifier_training.recipe import parse_recipe
+def test_vertex_job_command_copies_data_and_resumes_or_starts(tmp_path: Path) -> None:
+    spec, _ = vertex_spec(tmp_path, "--data", "gs://my-bucket/d")
+    command = spec["workerPoolSpecs"][0]["containerSpec"]["command"]
+    # tini -g stays PID 1 so that SIGTERM reaches the trainer; here the script runs without it.
+    assert command[:5] == ["/usr/bin/tini", "-g", "--", "bash", "-c"]
+    command = command[3:]
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "accelerate").write_text('#!/bin/sh\necho "accelerate $*"\n')
+    (fake_bin / "accelerate").chmod(0o755)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data_dir = tmp_path / "gcs" / "d"
+    for rel in ("train/annotations.jsonl", "train/images/a b.jpg", "valid/annotations.jsonl"):
+        (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / rel).write_text(rel)
+    local = tmp_path / "local"
+    env = {"PATH": f"{fake_bin}{os.pathsep}{TOOL_PATH}", "LOCAL_DATA_DIR": str(local)}
 
-    spec, _ = vertex_spec(tmp_path, "--data", "gs://my-bucket/d", "--run", "r1")
-    args = list(spec["workerPoolSpecs"][0]["containerSpec"]["args"])
-    args[args.index("--recipe") + 1] = str(ROOT / args[args.index("--recipe") + 1])
-    recipe = parse_recipe(args)
-    assert recipe.train.resume == "auto_or_new"
-    assert recipe.train.output_dir == "/gcs/my-bucket/runs/r1"
-    assert recipe.data.root == "/gcs/my-bucket/d"
+    fresh = run([*command, str(run_dir), str(data_dir), "--recipe", "r.yaml"], env=env)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"copied {data_dir} to {local} in " in fresh.stdout
+    assert (local / "train" / "images" / "a b.jpg").read_text() == "train/images/a b.jpg"
+    assert fresh.stdout.strip().splitlines()[-1] == (
+        f"accelerate launch src/train.py --train.output_dir {run_dir} --data.root {local} "
+        "--train.resume auto_or_new --recipe r.yaml"
+    )  # no shell logic: the trainer's --train.resume auto_or_new resumes or starts
+
+    spec, _ = vertex_spec(tmp_path, "--data", "gs://my-bucket/d", "--no-copy-data")
+    command = spec["workerPoolSpecs"][0]["containerSpec"]["command"][3:]
+    direct = run([*command, str(run_dir), str(data_dir)], env=env)
+    assert "copied" not in direct.stdout
+    assert f"--data.root {data_dir} --train.resume auto_or_new" in direct.stdout.splitlines()[-1]
 
 
 def test_vertex_job_rejects_a_non_gcs_data_path(tmp_path: Path) -> None:

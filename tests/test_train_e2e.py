@@ -27,7 +27,7 @@ from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.data.synthetic import generate
 from classifier_training.engine.loop import LoopCallback
 from classifier_training.evaluation import evaluate
-from classifier_training.hooks import HookFailedElsewhereError, run_hooks
+from classifier_training.hooks import BackgroundWork, HookFailedElsewhereError, run_hooks
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.recipe import Recipe, SyntheticConfig, parse_recipe
 
@@ -260,13 +260,13 @@ class _FailsOnMain(Hook):
     name = "fails_on_main"
 
     def on_fit_end(self, ctx: FitContext) -> None:
-        if ctx.accelerator.is_main_process:
-            raise RuntimeError("export verification failed (simulated)")
+        # run_hooks calls hooks on the main process only: rank 1 never gets here.
+        raise RuntimeError("export verification failed (simulated)")
 
 
 def _hook_failure_job(out: str) -> None:
     accelerator = Accelerator(cpu=True)
-    ctx = SimpleNamespace(accelerator=accelerator)
+    ctx = SimpleNamespace(accelerator=accelerator, background=BackgroundWork("inline"))
     try:
         run_hooks([_FailsOnMain()], "on_fit_end", ctx)  # type: ignore[arg-type]
         outcome = "no error"

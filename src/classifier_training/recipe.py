@@ -107,6 +107,12 @@ class DataConfig:
     """DataLoader worker processes per training process."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    cache: Literal["none", "ram", "disk", "auto"] = "auto"
+    """Decoded-image cache: decode and resize each image once (ram: shared memory for this run;
+    disk: kept in cache_dir for the next run; auto: ram if it fits in memory, else disk)."""
+    cache_dir: str = ""
+    """Folder of the disk cache (empty: $CLASSIFIER_TRAINING_CACHE or ~/.cache/classifier-training,
+    then decoded/)."""
     train_fit: Literal["letterbox", "stretch"] = "letterbox"
     """How a loader worker brings a train image to image_size: letterbox keeps the aspect."""
     sampler: Literal["disabled", "auto", "manual"] = "disabled"
@@ -256,7 +262,15 @@ class TrainConfig:
     overwrite: bool = False
     """Allow starting a fresh run in an output_dir that already has checkpoints."""
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
-    """auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    """auto: accelerate launch's --mixed_precision if given, else bf16 on GPUs of compute
+    capability >= 8.0, fp16 (+GradScaler) on older GPUs, bf16 on CPUs with native bf16, else no."""
+    compile: bool = False
+    """torch.compile the model for the training step (the first steps pay the compilation)."""
+    require_gpu: bool = field(
+        default_factory=lambda: os.environ.get("CLASSIFIER_TRAINING_REQUIRE_GPU", "") == "1"
+    )
+    """Stop with an error when CUDA is unavailable instead of training on the CPU (default: on
+    when $CLASSIFIER_TRAINING_REQUIRE_GPU is 1, as in the Docker image)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer update."""
     max_batches_per_epoch: int = 0
@@ -356,6 +370,9 @@ class HooksConfig:
     the check)."""
     fail_on_near_duplicates: bool = False
     """dataset_stats: stop before training when such cross-split pairs exist (a leak)."""
+    background: Literal["process", "thread", "inline"] = "process"
+    """Where hooks draw their figures: a worker process beside training (default), a thread,
+    or inline in the hook round (blocks training)."""
 
 
 @dataclass

@@ -5,6 +5,10 @@ image's native size, before any resize) → :func:`train_image` (letterbox/stret
 :func:`eval_image` (resize shorter side, centre crop). Random augmentation beyond JPEG runs later,
 batched on the device.
 
+With a decoded-image cache (:mod:`classifier_training.data.cache`) the decode and resize are a
+gather from the cached array, and the JPEG re-encode runs on the cached pixels
+(:func:`~classifier_training.data.cache.jpeg_on_cached`, same draws).
+
 Randomness is a pure function of ``(seed, epoch, index)``: each train item draws from
 ``numpy.random.default_rng([seed, epoch, i])``. The epoch lives in a shared-memory int64 tensor
 written by :meth:`ImageDataset.set_epoch` in the main process, so persistent workers see it and an
@@ -22,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from classifier_training.data.cache import DecodedCache, jpeg_on_cached
 from classifier_training.data.index import DataError, Sample
 from classifier_training.data.preprocess import (
     TrainFit,
@@ -61,6 +66,7 @@ class ImageDataset(Dataset[Item]):
         jpeg_p: float = 0.0,
         jpeg_quality: tuple[int, int] = (5, 55),
         seed: int = 0,
+        cache: DecodedCache | None = None,
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -82,6 +88,9 @@ class ImageDataset(Dataset[Item]):
         self.jpeg_p = float(jpeg_p)
         self.jpeg_quality = (int(lo), int(hi))
         self.seed = int(seed)
+        if cache is not None:
+            cache.check(mode, image_size, train_fit, len(self.samples))
+        self.cache = cache
         # Shared memory: set_epoch in the main process is seen by already-running workers.
         self._epoch = torch.zeros(1, dtype=torch.int64)
         self._epoch.share_memory_()  # type: ignore[no-untyped-call]  # unannotated in torch
@@ -113,15 +122,47 @@ class ImageDataset(Dataset[Item]):
 
     def pixels(self, i: int) -> npt.NDArray[np.uint8]:
         """Sample ``i`` as uint8 HWC, exactly as ``__getitem__`` prepares it."""
+        quality = self._jpeg_quality(i)
+        if self.cache is not None:
+            if quality is None:
+                return np.array(self.cache.hwc(i))  # a copy: the map is read-only and shared
+            cached, native = self.cache.hwc(i), self.cache.native_size(i)
+            return jpeg_on_cached(cached, native, self.image_size, self.train_fit, quality)
         img = self.load(i)
         if self.mode == "eval":
             return eval_image(img, self.image_size)
-        if self.jpeg_p > 0.0:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            if rng.random() < self.jpeg_p:
-                lo, hi = self.jpeg_quality
-                img = jpeg_degrade(img, int(rng.integers(lo, hi + 1)))
+        if quality is not None:
+            img = jpeg_degrade(img, quality)
         return train_image(img, self.image_size, self.train_fit)
+
+    def _jpeg_quality(self, i: int) -> int | None:
+        """The JPEG quality drawn for train item ``i`` this epoch, or None (no re-encode)."""
+        if self.mode == "eval" or self.jpeg_p <= 0.0:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        if rng.random() >= self.jpeg_p:
+            return None
+        lo, hi = self.jpeg_quality
+        return int(rng.integers(lo, hi + 1))
+
+    def __getitems__(self, indices: list[int]) -> list[Item]:
+        """A batch's items (the DataLoader's batched fetch); with a cache the images come from
+        one gather out of the map, and only the JPEG draws are re-encoded."""
+        if self.cache is None:
+            return [self[i] for i in indices]
+        cache = self.cache
+        images = torch.from_numpy(cache.images[np.asarray(indices, dtype=np.int64)])
+        items = []
+        for j, i in enumerate(indices):
+            quality = self._jpeg_quality(i)
+            if quality is not None:
+                hwc = jpeg_on_cached(
+                    cache.hwc(i), cache.native_size(i), self.image_size, self.train_fit, quality
+                )
+                images[j] = torch.from_numpy(hwc).permute(2, 0, 1)
+            target = torch.tensor(self.samples[i].target, dtype=torch.int64)
+            items.append({"image": images[j], "target": target, "index": torch.tensor(i)})
+        return items
 
     def __getitem__(self, i: int) -> Item:
         if not 0 <= i < len(self.samples):

@@ -11,12 +11,14 @@ only makes workers ignore SIGTERM/SIGINT (the trainer handles them, see ``preemp
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from classifier_training.data.cache import DecodedCache
 from classifier_training.data.dataset import ImageDataset, Item, drop_single_sample_batch
 from classifier_training.data.imbalance import WeightedClassSampler, build_sampler
 from classifier_training.data.index import DataError, DatasetIndex, index_dataset
@@ -98,13 +100,17 @@ def build_loaders(
     jpeg_quality: tuple[int, int],
     seed: int,
     num_processes: int = 1,
+    caches: Mapping[str, DecodedCache] | None = None,
 ) -> Loaders:
     """Datasets, sampler and loaders for ``index`` as configured by ``cfg``.
 
     ``jpeg_p`` is the effective per-sample JPEG re-encode probability (the augmentation preset
     resolves it); ``seed`` seeds the sampler and the per-sample draws; ``num_processes`` (the
-    Accelerate world size) decides whether a one-sample last train batch can occur.
+    Accelerate world size) decides whether a one-sample last train batch can occur; ``caches``
+    are the decoded-image caches by split name
+    (:func:`~classifier_training.data.cache.open_caches`).
     """
+    caches = caches or {}
     val_split = index.val
     if val_split is None:
         raise DataError(
@@ -121,11 +127,19 @@ def build_loaders(
         jpeg_p=jpeg_p,
         jpeg_quality=jpeg_quality,
         seed=seed,
+        cache=caches.get(index.train.name),
     )
-    val_ds = ImageDataset(val_split.samples, mode="eval", image_size=cfg.image_size)
+    val_ds = ImageDataset(
+        val_split.samples, mode="eval", image_size=cfg.image_size, cache=caches.get(val_split.name)
+    )
     test_split = index.test
     test_ds = (
-        ImageDataset(test_split.samples, mode="eval", image_size=cfg.image_size)
+        ImageDataset(
+            test_split.samples,
+            mode="eval",
+            image_size=cfg.image_size,
+            cache=caches.get(test_split.name),
+        )
         if test_split is not None
         else None
     )

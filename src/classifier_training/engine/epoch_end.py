@@ -9,28 +9,30 @@ from classifier_training.checkpoint import TrainerState
 from classifier_training.engine.selection import Best, Validation, track_best
 from classifier_training.engine.setup import Run
 from classifier_training.hooks import run_hooks
+from classifier_training.timing import format_epoch_times
 
 
 def end_epoch(run: Run, state: TrainerState, epoch: int, val: Validation) -> bool:
     """Record ``epoch`` (0-based) and return whether training stops early (on every process).
 
     Order: ``state`` (best, patience, position ``epoch + 1``/batch 0, metrics) -> the
-    ``epoch-NNN`` checkpoint (top-k by the monitored value) -> ``metrics.jsonl`` and the console
-    (main process) -> trackers -> the stop decision (any process's trigger stops all) -> epoch
-    hooks, which see whether this is the last epoch.
+    ``epoch-NNN`` checkpoint (top-k by the monitored value) -> the console line (main process)
+    -> the stop decision (any process's trigger stops all) -> epoch hooks, which see whether this
+    is the last epoch -> ``metrics.jsonl``, the timing line and the trackers, last so that the
+    epoch's line holds its ``time/*`` keys (checkpoint and hooks included) -> a pending stop
+    signal ends the run (the checkpoint is written).
     """
     accelerator, cfg = run.accelerator, run.recipe.train
     best = track_best(Best.of(state), val.value, epoch, cfg.monitor_mode, cfg.early_stop_min_delta)
     best.store(state)
     state.epoch, state.batches_done = epoch + 1, 0
     state.metrics = val.metrics
-    run.checkpoints.save(accelerator, f"epoch-{epoch + 1:03d}", state, run.ema_module(), val.value)
+    with run.timer.phase("checkpoint"):
+        run.checkpoints.save(
+            accelerator, f"epoch-{epoch + 1:03d}", state, run.ema_module(), val.value
+        )
     if accelerator.is_main_process:
-        run.metrics_log.append(val.metrics)
         _print_epoch(accelerator, val.metrics, cfg.monitor, state)
-    if accelerator.trackers:
-        accelerator.log(val.metrics, step=state.updates)
-    run.guard.after_epoch(run.checkpoints.last_path)  # a stop signal ends the run here
 
     patience = cfg.early_stop_patience
     if patience and state.epochs_without_improvement >= patience:
@@ -40,11 +42,15 @@ def end_epoch(run: Run, state: TrainerState, epoch: int, val: Validation) -> boo
     ctx.epoch, ctx.metrics, ctx.evals = epoch, val.metrics, val.evals
     ctx.is_last_epoch = stop or epoch + 1 == cfg.epochs
     ctx.best_checkpoint, ctx.last_checkpoint = run.checkpoints.best_path, run.checkpoints.last_path
-    run_hooks(run.hooks, "on_epoch_end", ctx)
-    sampled = ctx.extra.pop("sampler_counts", None)
-    if sampled and accelerator.trackers:
-        counts = {f"sampler/count/{label}": n for label, n in sampled.items()}
-        accelerator.log(counts, step=state.updates)
+    with run.timer.phase("hooks"):
+        run_hooks(run.hooks, "on_epoch_end", ctx)
+    metrics = {**val.metrics, **run.timer.epoch_times()}
+    if accelerator.is_main_process:
+        run.metrics_log.append(metrics)
+        accelerator.print(f"epoch {epoch + 1} {format_epoch_times(metrics)}")
+    if accelerator.trackers:
+        accelerator.log(metrics, step=state.updates)
+    run.guard.after_epoch(run.checkpoints.last_path)  # a stop signal ends the run here
     if stop:
         accelerator.print(
             f"early stop: {cfg.monitor} did not improve by {cfg.early_stop_min_delta} for "

@@ -10,6 +10,7 @@ from classifier_training.engine.setup import Run
 from classifier_training.evaluation import evaluate
 from classifier_training.io import atomic_write_json
 from classifier_training.model import create_model
+from classifier_training.runtime import exact_fp32
 
 
 def test_best(run: Run, state: TrainerState) -> dict[str, float]:
@@ -30,19 +31,20 @@ def test_best(run: Run, state: TrainerState) -> dict[str, float]:
     net = net.to(accelerator.device)
     if run.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    result = evaluate(
-        net,
-        run.test_loader,
-        accelerator,
-        run.eval_criterion,
-        run.class_names,
-        split="test",
-        weights=run.selected,
-        prefix="test",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        channels_last=run.channels_last,
-    )
+    with exact_fp32():  # no TF32 convolutions: the onnxruntime evaluator's fp32
+        result = evaluate(
+            net,
+            run.test_loader,
+            accelerator,
+            run.eval_criterion,
+            run.class_names,
+            split="test",
+            weights=run.selected,
+            prefix="test",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            channels_last=run.channels_last,
+        )
     run.ctx.evals["test"] = result
     final_metrics.update(result.metrics)
     if accelerator.is_main_process:

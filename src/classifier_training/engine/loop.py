@@ -38,6 +38,7 @@ class StepOutput:
     logits: torch.Tensor  # detached [B, C] float32
     grad_norm: torch.Tensor | None  # the clipped-from norm, on the window's last micro-batch
     updated: bool  # an optimizer step happened (window complete, not skipped by fp16)
+    skipped: bool  # the window was complete but fp16's GradScaler skipped the step (overflow)
 
 
 def batch_seed(seed: int, epoch: int, batch: int) -> int:
@@ -62,7 +63,8 @@ def train_one_epoch(
     Mutates ``state.batches_done`` and ``state.updates``. Metrics: ``epoch`` (1-based),
     ``updates``, ``train/loss`` and ``train/acc_top1`` (over this run's batches of the epoch,
     summed across processes), ``train/lr``, ``train/grad_norm`` (the last clipped window),
-    ``train/img_per_s`` (global).
+    ``train/img_per_s`` (global), ``train/skipped_steps`` (fp16 overflows, this process).
+    Per-batch phases go to ``run.timer`` (data wait, augmentation, step).
     """
     accelerator, recipe = run.accelerator, run.recipe
     # Order of the epoch = f(seed, epoch): set it explicitly, also after a resume.
@@ -79,7 +81,8 @@ def train_one_epoch(
     correct = torch.zeros((), device=device)
     seen = torch.zeros((), device=device)
     grad_norm = torch.zeros(())
-    for batch in batches:
+    skipped = 0
+    for batch in run.timer.batches(batches):
         if state.batches_done >= run.batches_per_epoch:
             break
         for callback in callbacks:
@@ -87,6 +90,7 @@ def train_one_epoch(
         out = train_step(run, state, batch, epoch)
         if out.grad_norm is not None:
             grad_norm = out.grad_norm
+        skipped += out.skipped
         loss_sum += out.loss * len(batch["target"])
         correct += (out.logits.argmax(1) == batch["target"]).sum()
         seen += len(batch["target"])
@@ -106,6 +110,7 @@ def train_one_epoch(
         "train/lr": float(run.optimizer.param_groups[0]["lr"]),
         "train/grad_norm": float(grad_norm),
         "train/img_per_s": images_per_s * accelerator.num_processes,
+        "train/skipped_steps": float(skipped),
     }
 
 
@@ -118,11 +123,12 @@ def train_step(
         batch_seed(recipe.train.seed, epoch, state.batches_done) + accelerator.process_index
     )
     grad_norm = None
-    with accelerator.accumulate(run.model):
+    with run.timer.span("augment"):  # outside ``accumulate``: it touches no gradient
         images = run.augment(batch["image"], run.generator)
         if run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = run.model(images).float()
+    with run.timer.span("step"), accelerator.accumulate(run.model):
+        logits = run.train_model(images).float()
         loss = run.criterion(logits, batch["target"])
         accelerator.backward(loss)
         if accelerator.sync_gradients and recipe.optim.clip_grad_norm > 0:
@@ -133,15 +139,17 @@ def train_step(
         run.optimizer.zero_grad(set_to_none=True)
     state.batches_done += 1
     # fp16 overflow skipped the step: then the EMA and schedule must not move either.
-    updated = bool(accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped)
+    skipped = bool(accelerator.sync_gradients and accelerator.optimizer_step_was_skipped)
+    updated = bool(accelerator.sync_gradients and not skipped)
     if updated:
-        state.updates += 1
-        if run.ema is not None:
-            # step = updates + 1 makes timm's warmup d = 1 - (1 + (n+1)/gamma)^-power;
-            # gamma 9, power 1 give the reference's d = min(decay, (1+n)/(10+n)).
-            run.ema.update(accelerator.unwrap_model(run.model), step=state.updates + 2)
-        run.scheduler.step_update(state.updates)
-    return StepOutput(loss.detach(), logits.detach(), grad_norm, updated)
+        with run.timer.span("step"):
+            state.updates += 1
+            if run.ema is not None:
+                # step = updates + 1 makes timm's warmup d = 1 - (1 + (n+1)/gamma)^-power;
+                # gamma 9, power 1 give the reference's d = min(decay, (1+n)/(10+n)).
+                run.ema.update(accelerator.unwrap_model(run.model), step=state.updates + 2)
+            run.scheduler.step_update(state.updates)
+    return StepOutput(loss.detach(), logits.detach(), grad_norm, updated, skipped)
 
 
 def _report_step(run: Run, state: TrainerState, out: StepOutput, batch_size: int) -> None:

@@ -14,6 +14,7 @@ from classifier_training.checkpoint import TrainerState
 from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.engine.setup import Run
 from classifier_training.evaluation import EvalResult, evaluate
+from classifier_training.runtime import exact_fp32
 
 
 @dataclass(frozen=True)
@@ -70,20 +71,21 @@ def validate(run: Run, metrics: dict[str, float]) -> Validation:
     evals: dict[str, EvalResult] = {}
     candidates = [("raw", run.model)] + ([("ema", run.ema.module)] if run.ema is not None else [])
     for weights, net in candidates:
-        result = evaluate(
-            net,
-            run.val_loader,
-            run.accelerator,
-            run.eval_criterion,
-            run.class_names,
-            split="val",
-            weights=weights,
-            prefix=f"val_{weights}",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            channels_last=run.channels_last,
-            images=run.val_preview,
-        )
+        with exact_fp32():  # the EMA pass in true fp32 like the deployment (no TF32 convs)
+            result = evaluate(
+                net,
+                run.val_loader,
+                run.accelerator,
+                run.eval_criterion,
+                run.class_names,
+                split="val",
+                weights=weights,
+                prefix=f"val_{weights}",
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                channels_last=run.channels_last,
+                images=run.val_preview,
+            )
         evals[f"val_{weights}"] = result
         metrics.update({k: v for k, v in result.metrics.items() if "/acc_class/" not in k})
     chosen = evals[f"val_{run.selected}"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from accelerate import Accelerator
@@ -19,12 +19,13 @@ from timm.utils.model_ema import ModelEmaV3
 from classifier_training.augment.pipeline import BatchAugment
 from classifier_training.augment.presets import resolve
 from classifier_training.checkpoint import CheckpointManager, TrainerState, load_checkpoint
+from classifier_training.data.cache import SplitCaches, open_caches
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.index import DatasetIndex
 from classifier_training.data.labels import labels_mapping, write_labels_mapping
 from classifier_training.data.loaders import Loaders, build_loaders, load_index
 from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from classifier_training.hooks import build_hooks
+from classifier_training.hooks import BackgroundWork, build_hooks
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.model import create_model
 from classifier_training.optim import (
@@ -35,7 +36,8 @@ from classifier_training.optim import (
 )
 from classifier_training.recipe import Recipe, recipe_to_dict, save_recipe
 from classifier_training.run_folder import RunGuard
-from classifier_training.runtime import build_accelerator
+from classifier_training.runtime import RuntimeInfo, build_accelerator, describe_runtime
+from classifier_training.timing import PhaseTimer
 from classifier_training.tracking import MetricsLog, Progress, init_wandb
 
 
@@ -52,6 +54,7 @@ class Run:
     run_dir: Path
     accelerator: Accelerator
     model: torch.nn.Module  # prepared (may be DDP-wrapped)
+    train_model: torch.nn.Module  # what the training step calls: ``model``, or it compiled
     ema: ModelEmaV3 | None  # never prepared: a prepared nn.Module would be DDP-wrapped
     optimizer: torch.optim.Optimizer  # prepared
     scheduler: Scheduler  # stepped per update
@@ -74,6 +77,8 @@ class Run:
     hooks: tuple[Hook, ...]
     ctx: FitContext
     guard: RunGuard  # the run folder's lock, stop signals, step-checkpoint cadence
+    timer: PhaseTimer  # per-phase seconds of the current epoch (``time/*`` metrics)
+    caches: SplitCaches  # the decoded-image caches (``data.cache``)
 
     def ema_module(self) -> torch.nn.Module | None:
         """The EMA weights' module (what checkpoints store as ``ema``), or None."""
@@ -88,16 +93,18 @@ def setup(recipe: Recipe) -> tuple[Run, TrainerState]:
     and the W&B tracker when enabled. The run folder stays locked until ``run.guard`` closes
     (``train`` closes it; so does a failing setup).
     """
-    accelerator = build_accelerator(recipe, recipe.run_dir)
+    accelerator, runtime = build_accelerator(recipe, recipe.run_dir)
     guard = RunGuard(accelerator, recipe)  # lock, then resume / refuse / overwrite
     try:
-        return _setup(recipe, accelerator, guard)
+        return _setup(recipe, accelerator, runtime, guard)
     except BaseException:
         guard.close()
         raise
 
 
-def _setup(recipe: Recipe, accelerator: Accelerator, guard: RunGuard) -> tuple[Run, TrainerState]:
+def _setup(
+    recipe: Recipe, accelerator: Accelerator, runtime: RuntimeInfo, guard: RunGuard
+) -> tuple[Run, TrainerState]:
     # Every image is decoded (the main process first, the others then hit the check's cache)
     # before anything is written: bad input stops here and leaves the run folder as it was.
     with accelerator.main_process_first():
@@ -107,6 +114,10 @@ def _setup(recipe: Recipe, accelerator: Accelerator, guard: RunGuard) -> tuple[R
     if accelerator.is_main_process:
         save_recipe(recipe, run_dir / "recipe.yaml")
     class_names = _labels(recipe, accelerator, run_dir, index)
+    data = recipe.data
+    caches = open_caches(index, mode=data.cache, image_size=data.image_size,
+                         train_fit=data.train_fit, cache_dir=data.cache_dir,
+                         first=accelerator.local_main_process_first)  # fmt: skip
     aug_params = resolve(recipe.augment)
     loaders = build_loaders(
         recipe.data,
@@ -115,8 +126,16 @@ def _setup(recipe: Recipe, accelerator: Accelerator, guard: RunGuard) -> tuple[R
         jpeg_quality=aug_params.jpeg_quality,
         seed=recipe.train.seed,
         num_processes=accelerator.num_processes,
+        caches=caches.caches,
     )
     parts = _build_trainables(recipe, accelerator, loaders, index, class_names)
+    compiled = ", torch.compile on" if recipe.train.compile else ""
+    accelerator.print(describe_runtime(accelerator, runtime, workers=data.num_workers,
+                                       extra=caches.describe() + compiled))  # fmt: skip
+    # Forked now, before W&B's threads and the loader workers exist (main process only).
+    background = BackgroundWork(
+        recipe.hooks.background if accelerator.is_main_process else "inline"
+    )
     augment = BatchAugment(aug_params, recipe.data.image_size, IMAGENET_MEAN, IMAGENET_STD)
     generator = torch.Generator(device=accelerator.device)
     checkpoints = CheckpointManager(
@@ -145,7 +164,9 @@ def _setup(recipe: Recipe, accelerator: Accelerator, guard: RunGuard) -> tuple[R
         ema=parts.ema,
         augment=augment,
         class_names=class_names,
-        log_images=_ImageLogger(accelerator, state),
+        log_images=_TrackerLog(accelerator, state).images,
+        log_metrics=_TrackerLog(accelerator, state).metrics,
+        background=background,
     )
     run = Run(
         recipe=recipe,
@@ -165,6 +186,8 @@ def _setup(recipe: Recipe, accelerator: Accelerator, guard: RunGuard) -> tuple[R
         hooks=tuple(build_hooks(recipe.hooks.enabled)),
         ctx=ctx,
         guard=guard,
+        timer=PhaseTimer(accelerator.device),
+        caches=caches,
         **parts._asdict(),
     )
     return run, state
@@ -174,6 +197,7 @@ class _Trainables(NamedTuple):
     """What ``_build_trainables`` hands to ``Run`` (same field names)."""
 
     model: torch.nn.Module
+    train_model: torch.nn.Module
     ema: ModelEmaV3 | None
     optimizer: torch.optim.Optimizer
     scheduler: Scheduler
@@ -224,8 +248,12 @@ def _build_trainables(
         epochs=recipe.train.epochs,
         updates_per_epoch=updates_per_epoch(batches_per_epoch, recipe.train.grad_accum_steps),
     )
+    # Only the training step is compiled: checkpoints, EMA and evaluation keep the plain module
+    # (its state dict has no ``_orig_mod.`` prefixes).
+    train_model = cast(torch.nn.Module, torch.compile(model)) if recipe.train.compile else model
     return _Trainables(
         model,
+        train_model,
         ema,
         optimizer,
         scheduler,
@@ -284,21 +312,30 @@ def _restore(
     accelerator.print(guard.choice.describe())
     if accelerator.is_main_process:
         metrics_log.truncate_after(state.epoch)
+        logged = metrics_log.read()
+        if state.metrics.get("epoch") == state.epoch and (
+            not logged or logged[-1].get("epoch", 0) < state.epoch
+        ):  # stopped after the checkpoint, before the epoch's line (written after the hooks)
+            metrics_log.append(state.metrics)
     return state
 
 
-class _ImageLogger:
-    """``FitContext.log_images``: figures to the trackers at the current update count."""
+class _TrackerLog:
+    """``FitContext.log_images`` / ``log_metrics``: to the trackers at the current update count."""
 
     def __init__(self, accelerator: Accelerator, state: TrainerState) -> None:
         self.accelerator, self.state = accelerator, state
 
-    def __call__(self, images: dict[str, Path]) -> None:
+    def images(self, images: dict[str, Path]) -> None:
         if self.accelerator.trackers:
             import wandb
 
             logged = {k: wandb.Image(str(p)) for k, p in images.items()}
             self.accelerator.log(logged, step=self.state.updates)
+
+    def metrics(self, values: dict[str, float]) -> None:
+        if self.accelerator.trackers:
+            self.accelerator.log(values, step=self.state.updates)
 
 
 def _first_images(dataset: Any, k: int) -> torch.Tensor:

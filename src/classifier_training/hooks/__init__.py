@@ -7,6 +7,7 @@ from typing import Literal
 
 from classifier_training.evaluation import EvalResult
 from classifier_training.hooks.augment_preview import AugmentPreviewHook
+from classifier_training.hooks.background import BackgroundJobError, BackgroundWork
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.confusion_matrix import ConfusionMatrixHook
 from classifier_training.hooks.dataset_stats import DatasetStatsHook
@@ -57,21 +58,32 @@ def run_hooks(
     phase: Literal["on_fit_start", "on_epoch_end", "on_fit_end"],
     ctx: FitContext,
 ) -> None:
-    """Call ``phase`` on every hook, then synchronise the processes.
+    """Call ``phase`` on every hook on the main process, then synchronise the processes.
 
-    Hooks that write files run on the main process only, so a failure there (a failed export
-    verification, say) would leave the other processes waiting at the next barrier until the
-    collective timeout. Instead every process learns of it through Accelerate's trigger (an
-    all-reduce) and raises too.
+    Only the main process runs hooks (they write the run folder); the others go straight to the
+    closing all-reduce. Before the hooks, finished background jobs are collected (so a job that
+    failed during the last epoch fails the run now); the fit-end round first waits for every
+    job (fit-end hooks such as the export see every file) and again for what they submitted.
+
+    A failure on the main process (a hook, or a background job) would leave the other processes
+    waiting at the next barrier until the collective timeout. Instead every process learns of it
+    through Accelerate's trigger (an all-reduce) and raises too.
     """
     accelerator = ctx.accelerator
     error: Exception | None = None
-    try:
-        for hook in hooks:
-            getattr(hook, phase)(ctx)
-    except Exception as err:  # re-raised below, on every process
-        error = err
-        accelerator.set_trigger()
+    if accelerator.is_main_process:
+        try:
+            if phase == "on_fit_end":
+                ctx.background.wait()
+            else:
+                ctx.background.collect()
+            for hook in hooks:
+                getattr(hook, phase)(ctx)
+            if phase == "on_fit_end":
+                ctx.background.wait()
+        except Exception as err:  # re-raised below, on every process
+            error = err
+            accelerator.set_trigger()
     if accelerator.check_trigger():
         if error is not None:
             raise error
@@ -80,6 +92,8 @@ def run_hooks(
 
 __all__ = [
     "HOOKS",
+    "BackgroundJobError",
+    "BackgroundWork",
     "EvalResult",
     "FitContext",
     "Hook",

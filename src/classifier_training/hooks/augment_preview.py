@@ -49,8 +49,6 @@ class AugmentPreviewHook(Hook):
     name = "augment_preview"
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         dataset = ctx.loaders.train_dataset
         picks = spread_over_classes(ctx.index.train.targets, PREVIEW_IMAGES)
         if not picks:

@@ -1,8 +1,11 @@
 """The epoch-hook interface: small observers called at fit start, each epoch end and fit end.
 
-Hooks never run inside the step loop. A hook that writes files does so on the main process only
-(``ctx.accelerator.is_main_process``); the engine calls ``accelerator.wait_for_everyone()`` after
-each hook round, so other processes simply wait.
+Hooks never run inside the step loop, and only on the main process:
+:func:`~classifier_training.hooks.run_hooks` skips the others, which wait at its closing
+all-reduce (that is also how a hook failure reaches every process). A hook's round is blocking
+time, so anything heavy (drawing, writing big files) goes to ``ctx.background``
+(:mod:`classifier_training.hooks.background`) and runs while the next epoch trains. A hook
+reports numbers through ``ctx.log_metrics`` (the trackers, at the current step).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from classifier_training.hooks.background import BackgroundWork
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +51,8 @@ class FitContext:
     best_checkpoint: Path | None = None
     last_checkpoint: Path | None = None
     log_images: Callable[[dict[str, Path]], None] = lambda images: None  # to the trackers
+    log_metrics: Callable[[dict[str, float]], None] = lambda values: None  # to the trackers
+    background: BackgroundWork = field(default_factory=lambda: BackgroundWork("inline"))
     extra: dict[str, Any] = field(default_factory=dict)  # hooks may leave notes for others
 
     def unwrapped_model(self) -> torch.nn.Module:

@@ -285,8 +285,6 @@ class DatasetStatsHook(Hook):
     name = "dataset_stats"
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         facts = check_images(all_paths(ctx.index), cache=cache_file(ctx.index.root))
         dropped = 1 if ctx.loaders.train.drop_last else 0  # see drop_single_sample_batch
         stats = dataset_stats(ctx.index, facts, last_batch_dropped=dropped)

@@ -21,8 +21,6 @@ class ExportHook(Hook):
     name = "export"
 
     def on_fit_end(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         if ctx.best_checkpoint is None and ctx.last_checkpoint is None:
             ctx.accelerator.print("export skipped: the run has no checkpoint yet")
             return

@@ -1,6 +1,7 @@
 """Training curves and a spreadsheet of the metrics, redrawn from ``metrics.jsonl`` every epoch.
 
-The engine appends the epoch's line before the hooks run, so the files written at epoch k
+The epoch that just ended comes from ``ctx.metrics`` (the engine writes its line after the
+hooks, with the hooks' time in it), earlier ones from the file, so the plots written at epoch k
 include epoch k. Files (overwritten each epoch)::
 
     history/loss.png       train/loss, val/loss (+ val_raw, val_ema when present)
@@ -251,10 +252,18 @@ class HistoryHook(Hook):
         return LrPlan(self._schedule[1], int(last["updates"]), upe, warmup, logged)
 
     def on_epoch_end(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         rows = read_history(ctx.run_dir / "metrics.jsonl")
+        current = ctx.metrics.get("epoch")
+        if current is not None:  # this epoch's line is written after the hooks: take ctx's
+            rows = [r for r in rows if float(r["epoch"]) < float(current)] + [dict(ctx.metrics)]
         if not rows:
             return
         _write_text(ctx.run_dir / "results.csv", results_csv(rows))
-        write_history_figures(rows, self.lr_plan(ctx.recipe, rows), ctx.run_dir / "history")
+        # Drawn beside training; a newer epoch's curves replace a redraw that has not started.
+        ctx.background.submit(
+            write_history_figures,
+            rows,
+            self.lr_plan(ctx.recipe, rows),
+            ctx.run_dir / "history",
+            replace="history",
+        )

@@ -4,9 +4,12 @@
 * GFLOPs of one forward pass at batch 1 and the run's input size, counted by
   ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts 2 FLOPs, so GMACs is half);
 * CPU latency of one image: median of a few timed forward passes after warm-up, eval mode,
-  ``inference_mode``, on the process's CPU threads (a rough deployment figure, not a benchmark).
+  ``inference_mode``, with one thread per usable core (what onnxruntime uses by default), not the
+  trainer's own thread count (``accelerate launch`` sets 1 on GPU machines); a rough deployment
+  figure, not a benchmark.
 
-Everything runs on an fp32 CPU copy, so the training model (device, mode, weights) is untouched.
+Everything runs on an fp32 CPU copy in the default (contiguous) memory format, as deployed, so
+the training model (device, mode, channels_last weights) is untouched.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.hooks.common import format_table
 from classifier_training.io import atomic_write_json
+from classifier_training.runtime import usable_cpus
 
 LATENCY_RUNS = 7
 """Timed forward passes (after 2 warm-up passes); the median is reported."""
@@ -34,19 +38,24 @@ def model_info(model: torch.nn.Module, image_size: int, runs: int = LATENCY_RUNS
     size_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )
-    net = copy.deepcopy(model).float().cpu().eval()
+    net = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     x = torch.zeros(1, 3, image_size, image_size)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         net(x)
     flops = int(counter.get_total_flops())
     times = []
-    with torch.inference_mode():
-        for i in range(runs + 2):
-            start = time.perf_counter()
-            net(x)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
+    threads, trainer_threads = usable_cpus(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for i in range(runs + 2):
+                start = time.perf_counter()
+                net(x)
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(trainer_threads)
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "total_params": total,
@@ -57,7 +66,7 @@ def model_info(model: torch.nn.Module, image_size: int, runs: int = LATENCY_RUNS
         "gmacs": flops / 2e9,
         "cpu_latency_ms": statistics.median(times) * 1e3,
         "cpu_latency_runs": runs,
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": threads,
     }
 
 
@@ -67,8 +76,6 @@ class ModelInfoHook(Hook):
     name = "model_info"
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         info = model_info(ctx.unwrapped_model(), ctx.recipe.data.image_size)
         info["arch"] = ctx.recipe.model.arch
         info["num_classes"] = len(ctx.class_names)

@@ -123,7 +123,8 @@ def write_sample_predictions(
     total_mistakes: int,
     path: Path,
 ) -> dict[str, Path]:
-    """Draw and save the grid (plain inputs -> file); returns the tracker image entry."""
+    """Draw and save the grid (plain inputs -> file; runs in the background worker); returns
+    the tracker image entry."""
     fig = plot_sample_predictions(mistakes, per_class, title, total_mistakes)
     save_figure(fig, path, dpi=110)
     return {"val/sample_predictions": path}
@@ -154,8 +155,6 @@ class SamplePredictionsHook(Hook):
     name = "sample_predictions"
 
     def on_epoch_end(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         ev = ctx.evals.get("val")
         split = ctx.index.val if ctx.index is not None else None
         if ev is None or split is None or len(ev.targets) == 0:
@@ -174,11 +173,12 @@ class SamplePredictionsHook(Hook):
             f"Validation predictions, epoch {ctx.epoch + 1} ({ev.weights} weights): top-1 "
             f"{accuracy:.3f} on {len(targets)} images"
         )
-        logged = write_sample_predictions(
+        ctx.background.submit(
+            write_sample_predictions,
             build_tiles(wrong, probs, targets, ctx.class_names, image_of),
             build_tiles(first, probs, targets, ctx.class_names, image_of),
             title,
             int((probs.argmax(axis=1) != targets).sum()),
             ctx.epoch_dir() / "sample_predictions.png",
+            then=ctx.log_images,
         )
-        ctx.log_images(logged)

@@ -7,8 +7,8 @@ manual). For class ``c``, with ``N = len(last_indices)`` rows drawn and row weig
     sampled_c  = #{i in last_indices : target_i = c}
     expected_c = N * sum(w_i : target_i = c) / sum(w_i)
 
-Written to ``epochs/NNN/sampler_distribution.json`` and left in ``ctx.extra["sampler_counts"]``
-({label: sampled}) for the engine to log. The full table is printed at the first and the last
+Written to ``epochs/NNN/sampler_distribution.json``; the sampled counts go to the trackers as
+``sampler/count/<label>`` (``ctx.log_metrics``). The full table is printed at the first and the last
 epoch, a one-line summary otherwise.
 """
 
@@ -54,8 +54,6 @@ class SamplerDistributionHook(Hook):
     name = "sampler_distribution"
 
     def on_epoch_end(self, ctx: FitContext) -> None:
-        if not ctx.accelerator.is_main_process:
-            return
         sampler = ctx.loaders.sampler
         if not isinstance(sampler, WeightedClassSampler) or not sampler.last_indices:
             return
@@ -65,7 +63,7 @@ class SamplerDistributionHook(Hook):
             ctx.epoch_dir() / "sampler_distribution.json",
             {"epoch": ctx.epoch + 1, "num_samples": n, "classes": dist},
         )
-        ctx.extra["sampler_counts"] = {label: d["sampled"] for label, d in dist.items()}
+        ctx.log_metrics({f"sampler/count/{label}": d["sampled"] for label, d in dist.items()})
         ratios = [d["ratio"] for d in dist.values() if d["ratio"] is not None]
         if ctx.epoch == 0 or ctx.is_last_epoch:
             rows = [
