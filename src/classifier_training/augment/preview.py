@@ -24,6 +24,7 @@ from torch import Tensor
 from classifier_training.augment import ops
 from classifier_training.augment.pipeline import BatchAugment
 from classifier_training.augment.presets import resolve
+from classifier_training.data.preprocess import open_rgb
 from classifier_training.io import atomic_open
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -161,8 +162,7 @@ def load_images(folder: Path, n: int, size: int, letterbox: bool = True) -> Tens
     step = max(1, len(paths) // n)
     tiles = []
     for p in paths[::step][:n]:
-        with Image.open(p) as opened:
-            image = opened.convert("RGB")
+        image = open_rgb(p)  # the training decode: 16-bit and transparent images included
         if letterbox:
             scale = size / max(image.size)
             new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
