@@ -111,16 +111,24 @@ class Job:
             family += family[0].children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        pids = []
-        for p in family:
+
+        def is_trainer(p: psutil.Process) -> bool:
+            # `python [-u] src/train.py`; launchers mention it further on
             try:
                 cmd = p.cmdline()
             except psutil.Error:
-                continue
-            # the trainer runs `python [-u] src/train.py`; launchers mention it further on
-            if "src/train.py" in cmd[1:3] and "torchrun" not in " ".join(cmd[:2]):
-                pids.append(p.pid)
-        return pids
+                return False
+            return "src/train.py" in cmd[1:3] and "torchrun" not in " ".join(cmd[:2])
+
+        def helper(p: psutil.Process) -> bool:
+            # a trainer's forked helpers (loader workers, background hooks) share its cmdline
+            try:
+                parent = p.parent()
+            except psutil.Error:
+                return False
+            return parent is not None and is_trainer(parent)
+
+        return [p.pid for p in family if is_trainer(p) and not helper(p)]
 
     def pause_when(self, ready: Callable[[], bool], count: int = 1) -> list[int]:
         """SIGSTOP the trainer(s) at the first moment ``ready()`` holds; returns their pids."""
