@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from classifier_training.recipe import ExportConfig, Recipe
 
-TRAIN_METRICS = ("loss", "acc_top1", "lr", "grad_norm", "img_per_s")
+TRAIN_METRICS = ("loss", "acc_top1", "lr", "grad_norm", "img_per_s", "skipped_steps")
 """Names of the per-epoch training metrics (``train/<name>``)."""
 EVAL_METRICS = ("loss", "acc_top1", "acc_top5", "f1_macro")
 """Names of the evaluation metrics (``val/<name>``, ``val_raw/<name>``, ``val_ema/<name>``);
