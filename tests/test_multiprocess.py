@@ -282,7 +282,7 @@ def single_process_evaluation(
         assert loader is not None
         counts = class_counts(index.train.targets, len(names))
         criterion = build_criterion(recipe.loss, inverse_frequency_weights(counts))
-        precision = resolve_mixed_precision(recipe.train.mixed_precision)
+        precision, _ = resolve_mixed_precision(recipe.train.mixed_precision)
         accelerator = Accelerator(cpu=True, mixed_precision=precision if prepared else "no")
         assert accelerator.num_processes == 1
         net = create_model(recipe.model, len(names), pretrained=False)
@@ -393,7 +393,7 @@ from classifier_training.recipe import parse_recipe
 from classifier_training.runtime import build_accelerator
 
 recipe = parse_recipe(["--train.collective_timeout_minutes", "0.05"])  # 3 s
-accelerator = build_accelerator(recipe, Path(sys.argv[1]))
+accelerator, _ = build_accelerator(recipe, Path(sys.argv[1]))
 if accelerator.is_main_process:
     time.sleep(15)  # long main-only work
 try:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+from accelerate import Accelerator
+
 from classifier_training.checkpoint import TrainerState
 from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from classifier_training.engine.setup import Run
@@ -69,6 +72,8 @@ def validate(run: Run, metrics: dict[str, float]) -> Validation:
     """
     metrics = dict(metrics)
     evals: dict[str, EvalResult] = {}
+    if run.ema is not None:
+        share_main_process_buffers(run.ema.module, run.accelerator)
     candidates = [("raw", run.model)] + ([("ema", run.ema.module)] if run.ema is not None else [])
     for weights, net in candidates:
         with exact_fp32():  # the EMA pass in true fp32 like the deployment (no TF32 convs)
@@ -103,3 +108,17 @@ def validate(run: Run, metrics: dict[str, float]) -> Validation:
 def selected_as_val(metrics: dict[str, float], selected: str) -> dict[str, float]:
     """``val_<selected>/name`` -> ``val/name`` (every key, per-class accuracies included)."""
     return {k.replace(f"val_{selected}/", "val/"): v for k, v in metrics.items()}
+
+
+def share_main_process_buffers(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Give every process the main process's buffers of ``module`` (BatchNorm statistics).
+
+    DDP broadcasts the model's buffers from rank 0 at each forward, but after the last step of
+    an epoch every rank has updated its own running statistics once more, and each rank's EMA
+    averaged its own copies. Without this, every process would evaluate its shard with slightly
+    different EMA statistics, and the metrics would not be those of the checkpoint (rank 0's).
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
