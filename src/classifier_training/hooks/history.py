@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.io import save_figure
+from classifier_training.io import atomic_write_text, save_figure
 from classifier_training.recipe import Recipe
 
 LOSS_KEYS = ("train/loss", "val/loss", "val_raw/loss", "val_ema/loss")
@@ -192,16 +191,6 @@ def results_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class LrPlan:
     """What :func:`plot_lr` needs: the schedule and where the run is on it."""
@@ -258,7 +247,7 @@ class HistoryHook(Hook):
             rows = [r for r in rows if float(r["epoch"]) < float(current)] + [dict(ctx.metrics)]
         if not rows:
             return
-        _write_text(ctx.run_dir / "results.csv", results_csv(rows))
+        atomic_write_text(ctx.run_dir / "results.csv", results_csv(rows))
         # Drawn beside training; a newer epoch's curves replace a redraw that has not started.
         ctx.background.submit(
             write_history_figures,
