@@ -43,6 +43,13 @@ def sleep_then_append(path: Path, text: str, seconds: float) -> str:
     return append_line(path, text)
 
 
+def wait_then_append(path: Path, text: str, gate: Path) -> str:
+    deadline = time.monotonic() + 120
+    while not gate.exists() and time.monotonic() < deadline:  # held until the test opens it
+        time.sleep(0.01)
+    return append_line(path, text)
+
+
 def fail(message: str) -> None:
     raise ValueError(message)
 
@@ -171,10 +178,12 @@ def test_jobs_run_in_order_and_replace_drops_a_queued_redraw(tmp_path: Path) -> 
     log = tmp_path / "log.txt"
     work = BackgroundWork("process")
     results: list[str] = []
-    work.submit(sleep_then_append, log, "first", 1.0, then=results.append)
+    gate = tmp_path / "gate"  # the worker stays busy with "first" until every job is queued
+    work.submit(wait_then_append, log, "first", gate, then=results.append)
     work.submit(append_line, log, "filler", then=results.append)  # fills the worker's queue
     work.submit(append_line, log, "history epoch 1", replace="history", then=results.append)
     work.submit(append_line, log, "history epoch 2", replace="history", then=results.append)
+    gate.touch()
     work.wait()
     work.close()
     assert log.read_text().splitlines() == ["first", "filler", "history epoch 2"]
