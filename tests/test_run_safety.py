@@ -393,6 +393,7 @@ def _overwrite_job(data: str, out: str) -> None:
     try:
         Path(out, f"calls-{run.accelerator.process_index}.json").write_text(json.dumps(calls))
     finally:
+        run.ctx.background.close()  # its worker process would keep this rank from exiting
         run.guard.close()
 
 
