@@ -154,6 +154,7 @@ def _setup(
         state.wandb_run_id,
     )
     val_preview = _first_images(loaders.val_dataset, recipe.hooks.sample_grid)
+    tracker = _TrackerLog(accelerator, state)
     ctx = FitContext(
         recipe=recipe,
         accelerator=accelerator,
@@ -164,8 +165,8 @@ def _setup(
         ema=parts.ema,
         augment=augment,
         class_names=class_names,
-        log_images=_TrackerLog(accelerator, state).images,
-        log_metrics=_TrackerLog(accelerator, state).metrics,
+        log_images=tracker.images,
+        log_metrics=tracker.metrics,
         background=background,
     )
     run = Run(
