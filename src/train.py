@@ -74,6 +74,7 @@ def train(recipe: Recipe, *, callbacks: Sequence[LoopCallback] = ()) -> TrainRes
                 stopped_early = end_epoch(run, state, epoch, val)
                 if stopped_early:
                     break
+            run.checkpoints.settle(run.accelerator)  # the last checkpoint is durable from here
             final_metrics = test_best(run, state)
             ctx = run.ctx
             ctx.metrics = final_metrics
@@ -81,8 +82,8 @@ def train(recipe: Recipe, *, callbacks: Sequence[LoopCallback] = ()) -> TrainRes
             ctx.last_checkpoint = run.checkpoints.last_path
             ctx.extra["stopped_early"] = stopped_early
             run_hooks(run.hooks, "on_fit_end", ctx)
-            background = run.ctx.background.busy_seconds
-            run.accelerator.print(timing_summary(run.metrics_log.read(), background))
+            background = run.ctx.background.busy_seconds, run.checkpoints.background_seconds
+            run.accelerator.print(timing_summary(run.metrics_log.read(), *background))
         finally:
             run.ctx.background.close(cancel=True)  # after a failure: drop what has not started
             if run.accelerator.is_local_main_process:

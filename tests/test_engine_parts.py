@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,10 +15,12 @@ from accelerate.state import AcceleratorState
 from classifier_training.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointWriteError,
     TrainerState,
     find_resume_checkpoint,
     load_weights,
     resolve_checkpoint,
+    verify_files,
 )
 from classifier_training.metrics import classification_metrics
 from classifier_training.optim import (
@@ -197,6 +200,7 @@ def test_checkpoint_top_k_ledger_and_pruning(tmp_path: Path, accelerator: Accele
     mgr = CheckpointManager(tmp_path, "val/acc_top1", "max", keep_top_k=2)
     for epoch, value in enumerate([0.5, 0.7, 0.6, 0.65], start=1):
         _save(accelerator, mgr, f"epoch-{epoch:03d}", epoch, value, ema)
+    mgr.settle(accelerator)  # the last write finishes in the background
     root = tmp_path / "checkpoints"
     kept = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert kept == ["epoch-002", "epoch-004"]  # top-2 by value (0.7, 0.65); last is 004
@@ -221,6 +225,7 @@ def test_checkpoint_min_mode_and_step_checkpoints(tmp_path: Path, accelerator: A
     _save(accelerator, mgr, "epoch-001", 1, 0.9, torch.nn.Linear(2, 2))
     _save(accelerator, mgr, "step-0000015", 1, None, torch.nn.Linear(2, 2))
     _save(accelerator, mgr, "epoch-002", 2, 1.2, torch.nn.Linear(2, 2))
+    mgr.settle(accelerator)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["epoch-001", "epoch-002"]  # step checkpoint pruned once superseded
     assert mgr.best_path is not None and mgr.best_path.name == "epoch-001"
@@ -232,12 +237,61 @@ def test_interrupted_save_leaves_previous_checkpoint(
     accelerator.prepare(torch.nn.Linear(2, 2))
     mgr = CheckpointManager(tmp_path, "val/acc_top1", "max", keep_top_k=1)
     _save(accelerator, mgr, "epoch-001", 1, 0.5, torch.nn.Linear(2, 2))
+    mgr.settle(accelerator)
     # a kill during the next save leaves only a .tmp- folder behind: the ledger still points to
     # the complete checkpoint, and the next save cleans the leftover up
     (tmp_path / "checkpoints" / ".tmp-epoch-002").mkdir()
     assert find_resume_checkpoint("auto", tmp_path).name == "epoch-001"
     _save(accelerator, mgr, "epoch-002", 2, 0.6, torch.nn.Linear(2, 2))
+    mgr.settle(accelerator)
     assert not (tmp_path / "checkpoints" / ".tmp-epoch-002").exists()
+
+
+def test_checkpoint_write_finishes_in_the_background(
+    tmp_path: Path, accelerator: Accelerator
+) -> None:
+    accelerator.prepare(torch.nn.Linear(3, 2))
+    ema = torch.nn.Linear(3, 2)
+    saved = ema.weight.detach().clone()
+    mgr = CheckpointManager(tmp_path, "val/acc_top1", "max", keep_top_k=2)
+    path = _save(accelerator, mgr, "epoch-001", 1, 0.5, ema)
+    # The ranking is known at once, on every process; the folder becomes durable later.
+    assert mgr.best_path == mgr.last_path == path
+    with torch.no_grad():
+        ema.weight.add_(1.0)  # training goes on changing the EMA in place
+    mgr.settle(accelerator)
+    assert verify_files(path) > 0
+    assert torch.equal(load_weights(path, "ema")["weight"], saved)  # the weights at save time
+    assert set(mgr.ledger.files) == {"epoch-001"}
+    assert mgr.background_seconds > 0
+    # durable=True (a stop checkpoint) returns only once the folder and ledger are in place
+    path = mgr.save(accelerator, "step-0000015", TrainerState(epoch=1), ema, None, durable=True)
+    assert path.is_dir() and resolve_checkpoint(tmp_path, "last") == path
+    # close() waits without a collective (the error path and the run lock's release)
+    path = _save(accelerator, mgr, "epoch-002", 2, 0.6, ema)
+    mgr.close()
+    assert path.is_dir() and not (tmp_path / "checkpoints" / ".tmp-epoch-002").exists()
+
+
+def test_a_failed_background_write_is_raised_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, accelerator: Accelerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import classifier_training.checkpoint as checkpoint
+
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    mgr = CheckpointManager(tmp_path, "val/acc_top1", "max", keep_top_k=1)
+    first = _save(accelerator, mgr, "epoch-001", 1, 0.5, torch.nn.Linear(2, 2))
+    mgr.settle(accelerator)
+
+    def disk_full(folder: Path) -> dict[str, Any]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "manifest", disk_full)
+    _save(accelerator, mgr, "epoch-002", 2, 0.9, torch.nn.Linear(2, 2))
+    with pytest.raises(CheckpointWriteError, match=r"epoch-002 could not be written.*No space"):
+        mgr.settle(accelerator)
+    assert resolve_checkpoint(tmp_path, "last") == first  # the ledger on disk never moved
+    assert verify_files(first) > 0
 
 
 def test_resume_target_errors(tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def make_run(root: Path, *, ema: bool = True, per_split: Any = None) -> dict[str
     metrics = {"val/acc_top1": 0.6, "val/acc_class/0": 1.0, "val/acc_class/1": 0.5}
     state = TrainerState(epoch=1, updates=4, metrics=metrics)
     CheckpointManager(run, "val/acc_top1", "max", 3).save(
-        accelerator, "epoch-001", state, ema_model if ema else None, 0.6
+        accelerator, "epoch-001", state, ema_model if ema else None, 0.6, durable=True
     )
     AcceleratorState._reset_state(True)
     return {

@@ -142,6 +142,7 @@ def make_run(tmp_path: Path, acc: Accelerator) -> CheckpointManager:
     save(acc, mgr, "epoch-001", 1, 0.5)
     save(acc, mgr, "epoch-002", 2, 0.4)
     save(acc, mgr, "step-0000025", 2, None)
+    mgr.settle(acc)  # the last write finishes in the background
     return mgr
 
 
@@ -247,7 +248,7 @@ def _two_process_save(out: str, delay_rank1: bool) -> None:
 
         accelerator.save_state = slow_save_state  # type: ignore[method-assign]
     mgr = CheckpointManager(Path(out), "val/acc_top1", "max", keep_top_k=1)
-    mgr.save(accelerator, "epoch-001", TrainerState(epoch=1, updates=5), None, 0.5)
+    mgr.save(accelerator, "epoch-001", TrainerState(epoch=1, updates=5), None, 0.5, durable=True)
     report = {
         "best": str(mgr.best_path),
         "last": str(mgr.last_path),

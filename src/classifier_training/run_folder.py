@@ -54,6 +54,7 @@ class RunGuard:
         self.next_epoch_boundary = False
         self.choice: ResumeChoice | None = None
         self.admitted = False  # from then on the run writes into the folder
+        self.checkpoints: CheckpointManager | None = None
 
         try:
             share_from_main(accelerator, self.lock.acquire)
@@ -100,6 +101,7 @@ class RunGuard:
     def attach(self, checkpoints: CheckpointManager) -> None:
         """Every checkpoint of this run carries the compat record."""
         checkpoints.extra_files[COMPAT_FILE] = self.record_json
+        self.checkpoints = checkpoints
 
     def resumed_position(self, state: TrainerState) -> TrainerState:
         """The loaded state, moved to the next epoch boundary when the process count changed."""
@@ -116,22 +118,29 @@ class RunGuard:
         path = None
         if periodic or due or stop:
             name = f"step-{state.updates:07d}"
-            path = run.checkpoints.save(self.accelerator, name, state, run.ema_module(), None)
+            path = run.checkpoints.save(
+                self.accelerator, name, state, run.ema_module(), None, durable=stop
+            )
             self.poll.checkpoint_written()
         if stop:
             raise PreemptedError(self.signals.requested or "a stop signal", path)
 
     def after_epoch(self, checkpoint: Path | None) -> None:
-        """After the epoch checkpoint (and its metrics line): stop here if a signal came."""
+        """After the epoch checkpoint (and its metrics line): stop here if a signal came, once
+        that checkpoint is durable."""
         self.poll.checkpoint_written()
         stop, _ = self.poll.poll()
         if stop:
+            if self.checkpoints is not None:
+                self.checkpoints.settle(self.accelerator)
             raise PreemptedError(self.signals.requested or "a stop signal", checkpoint)
 
     def close(self) -> None:
         """Restore the signal handlers and unlock; a run that was never admitted (it wrote
         nothing) also removes the lock file and folder it created."""
         self.signals.restore()
+        if self.checkpoints is not None:  # a background checkpoint write ends under the lock
+            self.checkpoints.close()
         self.lock.release(discard=not self.admitted)
 
     def __enter__(self) -> RunGuard:

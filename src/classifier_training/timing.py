@@ -154,11 +154,16 @@ def format_epoch_times(times: dict[str, float]) -> str:
     return f"time {times.get(key('epoch'), 0.0):.1f} s: " + ", ".join(parts)
 
 
-def timing_summary(rows: list[dict[str, float]], background_seconds: float = 0.0) -> str:
+def timing_summary(
+    rows: list[dict[str, float]],
+    background_seconds: float = 0.0,
+    checkpoint_background_seconds: float = 0.0,
+) -> str:
     """The end-of-run table: each phase's total seconds, share of the run and mean per epoch.
 
     ``rows`` are the epochs' metrics (their ``time/*`` keys); ``background_seconds`` is the hook
-    work done beside training (not part of the wall time).
+    work and ``checkpoint_background_seconds`` the durable checkpoint writing (fsync, hashes,
+    rename, ledger) done beside training (neither is part of the wall time).
     """
     rows = [r for r in rows if key("epoch") in r]
     if not rows:
@@ -183,4 +188,9 @@ def timing_summary(rows: list[dict[str, float]], background_seconds: float = 0.0
     line("other", max(0.0, wall - named))
     if background_seconds > 0:
         lines.append(f"  hook work in the background: {background_seconds:.1f} s (overlapped)")
+    if checkpoint_background_seconds > 0:
+        lines.append(
+            f"  checkpoint writes in the background: {checkpoint_background_seconds:.1f} s "
+            "(overlapped)"
+        )
     return "\n".join(lines)
