@@ -344,8 +344,17 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(
     def writing() -> bool:
         return job.progress()[0] == 2 and any(root.glob(".tmp-step-*"))
 
-    # mid-epoch: after the step checkpoint of update 16 (epoch 2, batch 4)
-    job.pause_when(mid_epoch(job, after=5) if where == "mid-epoch" else writing)
+    def step_durable() -> bool:
+        # mid-epoch: past the step checkpoint of update 16 (epoch 2, batch 4) once its
+        # background write (fsync, hashes, rename, ledger) has finished
+        ledger = root / "ledger.json"
+        return (
+            mid_epoch(job, after=5)()
+            and not any(root.glob(".tmp-*"))
+            and json.loads(ledger.read_text())["last"].startswith("step-")
+        )
+
+    job.pause_when(step_durable if where == "mid-epoch" else writing)
     before = snapshot(run_dir)
     printed_before = job.printed()
     last = json.loads((root / "ledger.json").read_text())["last"]

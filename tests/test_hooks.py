@@ -93,9 +93,7 @@ def assert_png(path: Path, min_side: int = 200) -> tuple[int, int]:
         return im.size
 
 
-def eval_result(
-    targets: list[int], preds: list[int], num_classes: int, images: torch.Tensor | None = None
-) -> EvalResult:
+def eval_result(targets: list[int], preds: list[int], num_classes: int) -> EvalResult:
     logits = torch.full((len(targets), num_classes), -2.0)
     logits[torch.arange(len(preds)), torch.tensor(preds)] = 3.0
     return EvalResult(
@@ -105,7 +103,6 @@ def eval_result(
         logits=logits,
         targets=torch.tensor(targets),
         indices=torch.arange(len(targets)),
-        images=images if images is not None else torch.empty(0, 3, 1, 1, dtype=torch.uint8),
     )
 
 
@@ -398,11 +395,7 @@ def test_hooks_write_nothing_on_other_processes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     ctx = make_ctx(run, main=False, index=cast(Any, None))
     ctx.epoch, ctx.is_last_epoch = 0, True
-    ctx.evals = {
-        "val": eval_result(
-            [0, 1], [0, 0], len(CLASSES), images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
-        )
-    }
+    ctx.evals = {"val": eval_result([0, 1], [0, 0], len(CLASSES))}
     (run).mkdir()
     (run / "metrics.jsonl").write_text('{"epoch": 1.0, "train/loss": 1.0}\n')
     hooks = [cls() for cls in HOOKS.values()]

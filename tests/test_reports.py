@@ -74,7 +74,6 @@ def evaluation(logits: np.ndarray, targets: list[int]) -> EvalResult:
         logits=torch.tensor(logits, dtype=torch.float32),
         targets=torch.tensor(targets),
         indices=torch.arange(len(targets)),
-        images=torch.empty(0, 3, 1, 1, dtype=torch.uint8),
     )
 
 

@@ -16,8 +16,8 @@ from classifier_training.metrics import classification_metrics
 class EvalResult:
     """One evaluation pass over a split, gathered across processes (each sample once).
 
-    ``logits`` and ``targets`` are in dataset order on the CPU; ``images`` holds the first
-    ``len(images)`` samples of the split as uint8 [k, 3, S, S] (for sample grids).
+    ``logits``, ``targets`` and ``indices`` are in dataset order on the CPU (the sample grid
+    reads the images it shows from ``indices``).
     """
 
     split: str
@@ -26,7 +26,6 @@ class EvalResult:
     logits: torch.Tensor  # float32 [N, C]
     targets: torch.Tensor  # int64 [N]
     indices: torch.Tensor  # int64 [N], positions in the split's sample list
-    images: torch.Tensor  # uint8 [k, 3, S, S]
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -49,7 +48,6 @@ def evaluate(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     channels_last: bool,
-    images: torch.Tensor | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on a prepared ``loader`` and return gathered logits plus metrics.
 
@@ -80,7 +78,6 @@ def evaluate(
     loss = float(criterion(all_logits, all_targets)) if len(all_targets) else float("nan")
     metrics = {f"{prefix}/loss": loss}
     metrics.update(classification_metrics(all_logits, all_targets, class_names, prefix))
-    empty = torch.empty(0, 3, 1, 1, dtype=torch.uint8)
     return EvalResult(
         split=split,
         weights=weights,
@@ -88,6 +85,5 @@ def evaluate(
         logits=all_logits,
         targets=all_targets,
         indices=all_indices,
-        images=images if images is not None else empty,
         metrics=metrics,
     )

@@ -281,6 +281,9 @@ class TrainConfig:
     """Also save a 'last' checkpoint when this many minutes passed since the last one (0: off)."""
     keep_top_k: int = 3
     """Best checkpoints kept by the monitored metric (plus 'last')."""
+    checkpoint_background: bool = True
+    """Finish each checkpoint (fsync, sha256 ledger, rename, pruning) in a background thread
+    while training goes on; false: the whole write blocks, as before."""
     monitor: str = "val/acc_top1"
     """Metric for model selection and early stopping (of the selected weights)."""
     monitor_mode: Literal["max", "min"] = "max"

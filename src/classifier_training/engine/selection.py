@@ -89,7 +89,6 @@ def validate(run: Run, metrics: dict[str, float]) -> Validation:
                 mean=IMAGENET_MEAN,
                 std=IMAGENET_STD,
                 channels_last=run.channels_last,
-                images=run.val_preview,
             )
         evals[f"val_{weights}"] = result
         metrics.update({k: v for k, v in result.metrics.items() if "/acc_class/" not in k})

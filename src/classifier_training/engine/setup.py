@@ -70,7 +70,6 @@ class Run:
     channels_last: bool
     class_names: list[str]  # index order
     selected: Literal["ema", "raw"]  # the weights behind val/, checkpoints and export
-    val_preview: torch.Tensor  # the first val images (uint8) for sample grids
     checkpoints: CheckpointManager
     metrics_log: MetricsLog
     progress: Progress
@@ -139,7 +138,11 @@ def _setup(
     augment = BatchAugment(aug_params, recipe.data.image_size, IMAGENET_MEAN, IMAGENET_STD)
     generator = torch.Generator(device=accelerator.device)
     checkpoints = CheckpointManager(
-        run_dir, recipe.train.monitor, recipe.train.monitor_mode, recipe.train.keep_top_k
+        run_dir,
+        recipe.train.monitor,
+        recipe.train.monitor_mode,
+        recipe.train.keep_top_k,
+        background=recipe.train.checkpoint_background,
     )
     guard.attach(checkpoints)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
@@ -153,7 +156,6 @@ def _setup(
         recipe_to_dict(recipe),
         state.wandb_run_id,
     )
-    val_preview = _first_images(loaders.val_dataset, recipe.hooks.sample_grid)
     tracker = _TrackerLog(accelerator, state)
     ctx = FitContext(
         recipe=recipe,
@@ -178,7 +180,6 @@ def _setup(
         loaders=loaders,
         class_names=class_names,
         selected="ema" if parts.ema is not None and recipe.ema.select == "ema" else "raw",
-        val_preview=val_preview,
         checkpoints=checkpoints,
         metrics_log=metrics_log,
         progress=Progress(
@@ -337,11 +338,3 @@ class _TrackerLog:
     def metrics(self, values: dict[str, float]) -> None:
         if self.accelerator.trackers:
             self.accelerator.log(values, step=self.state.updates)
-
-
-def _first_images(dataset: Any, k: int) -> torch.Tensor:
-    """The first k images of a split in dataset order (uint8), for sample grids."""
-    k = min(k, len(dataset))
-    if k == 0:
-        return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-    return torch.stack([dataset[i]["image"] for i in range(k)])
