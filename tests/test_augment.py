@@ -23,11 +23,15 @@ from torchvision.transforms.v2 import functional as TF
 from classifier_training.augment import (
     AugmentParams,
     BatchAugment,
+    degrade,
+    erasing,
+    geometry,
     imagenet,
     jersey,
     none,
     normalize_batch,
     ops,
+    photometric,
     resolve,
 )
 from classifier_training.augment.pipeline import _same_device
@@ -63,25 +67,25 @@ def per_sample_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # every pixel op at full strength; ``p`` is substituted by the tests
 STRONG_PIXEL_OPS: dict[str, Any] = {
-    "color": ops.ColorJitter(0.4, 0.4, 0.4, 0.1),
-    "blur": ops.GaussianBlur(5, (1.0, 2.0)),
-    "pixelate": ops.Pixelate((0.1, 0.5)),
-    "downup": ops.BilinearDownUp((0.1, 0.45)),
-    "noise": ops.GaussianNoise((10.0, 40.0)),
-    "zoom": ops.ZoomInOut((0.5, 0.9), (1.2, 2.0)),
-    "erase": ops.RandomErasing(scale=(0.05, 0.2)),
+    "color": photometric.ColorJitter(0.4, 0.4, 0.4, 0.1),
+    "blur": photometric.GaussianBlur(5, (1.0, 2.0)),
+    "pixelate": degrade.Pixelate((0.1, 0.5)),
+    "downup": degrade.BilinearDownUp((0.1, 0.45)),
+    "noise": degrade.GaussianNoise((10.0, 40.0)),
+    "zoom": degrade.ZoomInOut((0.5, 0.9), (1.2, 2.0)),
+    "erase": erasing.RandomErasing(scale=(0.05, 0.2)),
 }
 STRONG_GEOMETRY_OPS: dict[str, Any] = {
-    "crop": ops.RandomResizedCrop((0.08, 0.9)),
-    "flip": ops.RandomHorizontalFlip(),
-    "affine": ops.RandomAffine(25.0, 0.1, (0.8, 1.2), 15.0),
-    "perspective": ops.RandomPerspective(0.5),
+    "crop": geometry.RandomResizedCrop((0.08, 0.9)),
+    "flip": geometry.RandomHorizontalFlip(),
+    "affine": geometry.RandomAffine(25.0, 0.1, (0.8, 1.2), 15.0),
+    "perspective": geometry.RandomPerspective(0.5),
 }
 
 
 def run_geometry(op: Any, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     hw = (x.shape[2], x.shape[3])
-    return ops.warp(x, [op.matrix(x.shape[0], hw, hw, generator)], hw, [op.fills])
+    return geometry.warp(x, [op.matrix(x.shape[0], hw, hw, generator)], hw, [op.fills])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,19 +93,19 @@ def run_geometry(op: Any, x: torch.Tensor, generator: torch.Generator) -> torch.
 
 
 NEUTRAL_PIXEL_OPS: dict[str, Any] = {
-    "color": ops.ColorJitter(0.0, 0.0, 0.0, 0.0),
-    "blur_k1": ops.GaussianBlur(1, (1.0, 2.0), p=1.0),
-    "blur_tiny_sigma": ops.GaussianBlur(7, (1e-3, 1e-3), p=1.0),
-    "pixelate": ops.Pixelate((1.0, 1.0), p=1.0),
-    "downup": ops.BilinearDownUp((1.0, 1.0), p=1.0),
-    "noise": ops.GaussianNoise((0.0, 0.0), p=1.0),
-    "zoom": ops.ZoomInOut((1.0, 1.0), (1.0, 1.0), p=1.0),
-    "erase_tiny": ops.RandomErasing(1.0, scale=(1e-6, 1e-6)),
+    "color": photometric.ColorJitter(0.0, 0.0, 0.0, 0.0),
+    "blur_k1": photometric.GaussianBlur(1, (1.0, 2.0), p=1.0),
+    "blur_tiny_sigma": photometric.GaussianBlur(7, (1e-3, 1e-3), p=1.0),
+    "pixelate": degrade.Pixelate((1.0, 1.0), p=1.0),
+    "downup": degrade.BilinearDownUp((1.0, 1.0), p=1.0),
+    "noise": degrade.GaussianNoise((0.0, 0.0), p=1.0),
+    "zoom": degrade.ZoomInOut((1.0, 1.0), (1.0, 1.0), p=1.0),
+    "erase_tiny": erasing.RandomErasing(1.0, scale=(1e-6, 1e-6)),
 }
 NEUTRAL_GEOMETRY_OPS: dict[str, Any] = {
-    "crop_full": ops.RandomResizedCrop((1.0, 1.0), (36 / 40, 36 / 40)),
-    "affine": ops.RandomAffine(0.0, 0.0, (1.0, 1.0), 0.0),
-    "perspective": ops.RandomPerspective(0.0, p=1.0),
+    "crop_full": geometry.RandomResizedCrop((1.0, 1.0), (36 / 40, 36 / 40)),
+    "affine": geometry.RandomAffine(0.0, 0.0, (1.0, 1.0), 0.0),
+    "perspective": geometry.RandomPerspective(0.0, p=1.0),
 }
 
 
@@ -122,7 +126,7 @@ def test_neutral_geometry_op_is_identity(name: str) -> None:
 def test_warp_of_identity_chain_and_normalize_identity() -> None:
     x = smooth_images()
     eye = ops.identity_matrices(x.shape[0], x.device)
-    assert torch.allclose(ops.warp(x, [eye, eye, eye]), x, atol=TOL, rtol=0)
+    assert torch.allclose(geometry.warp(x, [eye, eye, eye]), x, atol=TOL, rtol=0)
     zero, one = torch.zeros(3), torch.ones(3)
     assert torch.equal(ops.normalize(x, zero, one), x)
 
@@ -170,10 +174,10 @@ def test_closed_gate_leaves_samples_bit_identical(name: str) -> None:
 def test_apply_rate_matches_probability_and_gate() -> None:
     n = 4000
     x = smooth_images(batch=n, hw=(8, 8))
-    changed = per_sample_diff(ops.Pixelate((0.2, 0.5), p=0.4)(x, gen(3)), x) > 0
+    changed = per_sample_diff(degrade.Pixelate((0.2, 0.5), p=0.4)(x, gen(3)), x) > 0
     assert abs(changed.float().mean().item() - 0.4) < 0.04
     gate = ops.apply_mask(0.85, n, gen(4))
-    changed = per_sample_diff(ops.GaussianNoise((10.0, 40.0), p=0.6)(x, gen(5), gate), x) > 0
+    changed = per_sample_diff(degrade.GaussianNoise((10.0, 40.0), p=0.6)(x, gen(5), gate), x) > 0
     assert abs(changed.float().mean().item() - 0.85 * 0.6) < 0.04
     assert not changed[~gate].any()
 
@@ -280,13 +284,13 @@ def test_affine_matches_torchvision(
     angle: float, translate: list[int], scale: float, shear: list[float]
 ) -> None:
     x = smooth_images(batch=1)
-    m = ops.affine_matrix(
+    m = geometry.affine_matrix(
         torch.tensor([angle]),
         torch.tensor([translate], dtype=torch.float64),
         torch.tensor([scale]),
         torch.tensor([shear]),
     )
-    ours = ops.warp(x, [m])[0]
+    ours = geometry.warp(x, [m])[0]
     kw: dict[str, Any] = {"angle": angle, "translate": translate, "scale": scale, "shear": shear}
     theirs = TF.affine(x[0], **kw, interpolation=InterpolationMode.BILINEAR, fill=0)
     inside = TF.affine(torch.ones_like(x[0]), **kw, interpolation=InterpolationMode.BILINEAR) == 1
@@ -302,10 +306,10 @@ def test_perspective_matches_torchvision() -> None:
     h, w = x.shape[2:]
     start = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]
     end = [[3, 2], [w - 6, 1], [w - 3, h - 7], [4, h - 4]]
-    m = ops.perspective_matrix(
+    m = geometry.perspective_matrix(
         torch.tensor([start], dtype=torch.float64), torch.tensor([end], dtype=torch.float64), (h, w)
     )
-    ours = ops.warp(x, [m])[0]
+    ours = geometry.warp(x, [m])[0]
     theirs = TF.perspective(x[0], start, end, interpolation=InterpolationMode.BILINEAR, fill=None)
     assert (ours - theirs).abs().max() < WARP_TOL
 
@@ -313,8 +317,8 @@ def test_perspective_matches_torchvision() -> None:
 def test_crop_matches_torchvision_resized_crop() -> None:
     x = smooth_images(batch=1)
     top, left, h, w = 5, 7, 20, 15
-    m = ops.crop_matrix(torch.tensor([[left, top, w, h]]), (40, 36), (40, 36))
-    ours = ops.warp(x, [m])[0]
+    m = geometry.crop_matrix(torch.tensor([[left, top, w, h]]), (40, 36), (40, 36))
+    ours = geometry.warp(x, [m])[0]
     theirs = TF.resized_crop(x[0], top, left, h, w, [40, 36], InterpolationMode.BILINEAR)
     # torchvision clamps at the crop's edge, grid_sample reads the neighbours: skip a 2 px band
     assert (ours - theirs)[:, 2:-2, 2:-2].abs().max() < WARP_TOL
@@ -323,7 +327,7 @@ def test_crop_matches_torchvision_resized_crop() -> None:
 @pytest.mark.parametrize("sigma", [0.5, 1.3, 3.5])
 def test_gaussian_blur_matches_torchvision(sigma: float) -> None:
     x = smooth_images(batch=2)
-    ours = ops.gaussian_blur(x, torch.tensor([sigma, sigma]), 7)
+    ours = photometric.gaussian_blur(x, torch.tensor([sigma, sigma]), 7)
     theirs = TF.gaussian_blur(x, [7, 7], [sigma, sigma])
     assert (ours - theirs).abs().max() < TOL
 
@@ -339,8 +343,8 @@ def test_color_ops_match_torchvision_one_at_a_time() -> None:
         ((ones, ones, torch.tensor([1.5])), TF.adjust_saturation(x[0], 1.5)),
     ]
     for (b, c, s), theirs in cases:
-        a_mat, t_vec = ops.color_affine(b, c, s, zero, order, mean)
-        assert (ops.apply_color(x, a_mat, t_vec)[0] - theirs).abs().max() < TOL
+        a_mat, t_vec = photometric.color_affine(b, c, s, zero, order, mean)
+        assert (photometric.apply_color(x, a_mat, t_vec)[0] - theirs).abs().max() < TOL
 
 
 def test_hue_rotates_like_torchvision_and_keeps_luma() -> None:
@@ -350,8 +354,10 @@ def test_hue_rotates_like_torchvision_and_keeps_luma() -> None:
     theirs = TF.adjust_hue(x[0], 0.05)
     errors = []
     for shift in (0.05, -0.05):
-        a_mat, t_vec = ops.color_affine(ones, ones, ones, torch.tensor([shift]), order, mean)
-        ours = ops.apply_color(x, a_mat, t_vec)[0]
+        a_mat, t_vec = photometric.color_affine(
+            ones, ones, ones, torch.tensor([shift]), order, mean
+        )
+        ours = photometric.apply_color(x, a_mat, t_vec)[0]
         errors.append((ours - theirs).abs().mean().item())
         luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
         unclipped = ((ours > 1e-6) & (ours < 1 - 1e-6)).all(0)
@@ -368,9 +374,9 @@ def test_color_jitter_follows_the_drawn_order() -> None:
     forward = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[0], 1.05), 0.5), 0.7)
     backward = TF.adjust_brightness(TF.adjust_contrast(TF.adjust_saturation(x[0], 0.7), 0.5), 1.05)
     for order, expected in (((0, 1, 2, 3), forward), ((2, 1, 0, 3), backward)):
-        a_mat, t_vec = ops.color_affine(b, c, s, h, torch.tensor([order]), mean)
+        a_mat, t_vec = photometric.color_affine(b, c, s, h, torch.tensor([order]), mean)
         # 1e-4: torchvision rounds the contrast mean through its own grayscale pass
-        assert (ops.apply_color(x, a_mat, t_vec)[0] - expected).abs().max() < 1e-4
+        assert (photometric.apply_color(x, a_mat, t_vec)[0] - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("small", [(4, 3), (9, 8), (18, 16), (33, 30)])
@@ -380,13 +386,13 @@ def test_pixelate_and_down_up_match_interpolate(small: tuple[int, int]) -> None:
     nearest = F.interpolate(
         F.interpolate(x, size=small, mode="nearest-exact"), size=(40, 36), mode="nearest-exact"
     )
-    assert torch.equal(ops.pixelate(x, sh, sw), nearest)
+    assert torch.equal(degrade.pixelate(x, sh, sw), nearest)
     bilinear = F.interpolate(
         F.interpolate(x, size=small, mode="bilinear", antialias=True),
         size=(40, 36),
         mode="bilinear",
     )
-    assert (ops.down_up(x, sh, sw) - bilinear).abs().max() < TOL
+    assert (degrade.down_up(x, sh, sw) - bilinear).abs().max() < TOL
 
 
 @pytest.mark.parametrize(
@@ -398,10 +404,10 @@ def test_zoom_matches_pil_style_crop_and_canvas_resize(
     x = smooth_images(batch=1)
     height, width = 40, 36
     f = torch.tensor([factor], dtype=torch.float64)
-    rows = ops.zoom_matrix(height, f, torch.tensor([float(offset[0])]), 2.0)
-    cols = ops.zoom_matrix(width, f, torch.tensor([float(offset[1])]), 2.0)
+    rows = degrade.zoom_matrix(height, f, torch.tensor([float(offset[0])]), 2.0)
+    cols = degrade.zoom_matrix(width, f, torch.tensor([float(offset[1])]), 2.0)
     fill = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * (factor >= 1)
-    ours = ops.resample_separable(x - fill, rows, cols) + fill
+    ours = degrade.resample_separable(x - fill, rows, cols) + fill
     ch, cw = int(height * factor), int(width * factor)
     if factor < 1:
         source = x[:, :, offset[0] : offset[0] + ch, offset[1] : offset[1] + cw]
@@ -416,21 +422,21 @@ def test_zoom_matches_pil_style_crop_and_canvas_resize(
 def test_erasing_writes_the_box_only() -> None:
     x = smooth_images(batch=2)
     boxes = torch.tensor([[3, 4, 10, 6], [0, 0, 0, 5]])
-    out = ops.erase(x, boxes, value=0.0)
+    out = erasing.erase(x, boxes, value=0.0)
     expected = x.clone()
     expected[0, :, 3:13, 4:10] = 0.0
     assert torch.equal(out, expected)
 
 
 def test_random_boxes_follow_torchvision_rules() -> None:
-    crop = ops.RandomResizedCrop((0.08, 1.0), (3 / 4, 4 / 3))
+    crop = geometry.RandomResizedCrop((0.08, 1.0), (3 / 4, 4 / 3))
     boxes = crop.boxes(2000, (40, 36), gen(9))
     left, top, w, h = boxes.unbind(1)
     assert torch.equal(boxes, boxes.round())
     assert (w >= 1).all() and (h >= 1).all() and (left + w <= 36).all() and (top + h <= 40).all()
     area = w * h / (40 * 36)
     assert area.min() < 0.15 and area.max() > 0.9
-    erase = ops.RandomErasing(1.0, (0.02, 0.2), (0.3, 3.3))
+    erase = erasing.RandomErasing(1.0, (0.02, 0.2), (0.3, 3.3))
     eb = erase.boxes(2000, (40, 36), gen(10))
     etop, eleft, eh, ew = eb.unbind(1)
     assert (eh > 0).all() and (etop + eh <= 40).all() and (eleft + ew <= 36).all()
@@ -455,7 +461,7 @@ def test_jersey_preset_never_flips() -> None:
     params = jersey()
     assert params.hflip_p == 0.0
     augment = BatchAugment(params, 32)
-    assert not any(isinstance(op, ops.RandomHorizontalFlip) for op in augment.geometry)
+    assert not any(isinstance(op, geometry.RandomHorizontalFlip) for op in augment.geometry)
     # no mirror anywhere in the composed geometry (a flip makes the determinant negative)
     assert (geometry_determinants(params) > 0).all()
     flipped = resolve(AugmentConfig(preset="jersey", hflip_p=0.5))

@@ -15,7 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from classifier_training.augment import AugmentParams, BatchAugment, imagenet, jersey, ops, resolve
+from classifier_training.augment import (
+    AugmentParams,
+    BatchAugment,
+    degrade,
+    imagenet,
+    jersey,
+    photometric,
+    resolve,
+)
 from classifier_training.augment.preview import op_rows
 from classifier_training.recipe import AugmentConfig
 
@@ -54,9 +62,9 @@ def test_at_size_rescales_the_pixel_strengths_of_the_jersey_preset() -> None:
 def test_the_pipeline_builds_its_ops_from_the_rescaled_parameters() -> None:
     augment = BatchAugment(jersey(), 64)
     assert augment.params == jersey() and augment.effective == jersey().at_size(64)
-    blur = next(op for op in augment.photometric if isinstance(op, ops.GaussianBlur))
+    blur = next(op for op in augment.photometric if isinstance(op, photometric.GaussianBlur))
     assert blur.kernel_size == 3 and blur.sigma == augment.effective.blur_sigma
-    noise = next(op for op in augment.degradations if isinstance(op, ops.GaussianNoise))
+    noise = next(op for op in augment.degradations if isinstance(op, degrade.GaussianNoise))
     assert noise.sigma == augment.effective.noise_sigma
     # a rectangle uses the geometric mean of its sides
     assert BatchAugment(jersey(), (32, 128)).effective == jersey().at_size(64)
@@ -82,15 +90,15 @@ def test_blur_at_64_px_matches_blur_at_256_px_seen_at_64_px() -> None:
     small = ref.at_size(64)
     assert small.blur_kernel == 7 and small.blur_sigma == (1.0, 1.0)
     image = checkerboard(256, period=48)
-    at_ref = area_down(ops.gaussian_blur(image, torch.tensor([4.0]), ref.blur_kernel), 4)
+    at_ref = area_down(photometric.gaussian_blur(image, torch.tensor([4.0]), ref.blur_kernel), 4)
     down = area_down(image, 4)
-    at_small = ops.gaussian_blur(down, torch.tensor([1.0]), small.blur_kernel)
+    at_small = photometric.gaussian_blur(down, torch.tensor([1.0]), small.blur_kernel)
     inner = (..., slice(6, -6), slice(6, -6))  # reflect padding differs within a kernel of edges
     effect = (at_ref - down)[inner].abs().mean()
     assert effect > 1e-3  # the blur does something
     assert (at_small - at_ref)[inner].abs().mean() < 0.05 * effect
     # the unscaled sigma (4 px at 64 px) would blur far more
-    too_much = ops.gaussian_blur(down, torch.tensor([4.0]), 25)
+    too_much = photometric.gaussian_blur(down, torch.tensor([4.0]), 25)
     assert (too_much - at_ref)[inner].abs().mean() > 3 * effect
 
 
@@ -100,7 +108,7 @@ def test_noise_at_64_px_has_the_strength_of_noise_at_256_px_seen_at_64_px() -> N
     assert small.noise_sigma == (10.0, 10.0)
     flat = torch.full((4, 3, 256, 256), 0.5)
     g = torch.Generator().manual_seed(0)
-    noisy = ops.add_gaussian_noise(flat, torch.full((4,), 40.0 / 255), g)
+    noisy = degrade.add_gaussian_noise(flat, torch.full((4,), 40.0 / 255), g)
     seen_small = area_down(noisy, 4)
     assert seen_small.std().item() == pytest.approx(small.noise_sigma[0] / 255, rel=0.03)
 
@@ -111,11 +119,11 @@ def test_pixelate_keeps_the_same_detail_at_every_size() -> None:
     assert small.pixelate_scale == (0.5, 0.5)  # 32 px of detail at both sizes
     image = checkerboard(256, period=40)
     n_ref = torch.tensor([32.0])
-    at_ref = area_down(ops.pixelate(image, n_ref, n_ref), 4)
+    at_ref = area_down(degrade.pixelate(image, n_ref, n_ref), 4)
     down = area_down(image, 4)
     n_small = torch.tensor([64 * small.pixelate_scale[0]])
-    at_small = ops.pixelate(down, n_small, n_small)
-    literal = ops.pixelate(down, torch.tensor([8.0]), torch.tensor([8.0]))  # 0.125 of 64 px
+    at_small = degrade.pixelate(down, n_small, n_small)
+    literal = degrade.pixelate(down, torch.tensor([8.0]), torch.tensor([8.0]))  # 0.125 of 64 px
 
     def blocks_per_row(x: torch.Tensor) -> int:
         return int((x[0, 0, 10].diff().abs() > 1e-6).sum()) + 1
@@ -129,7 +137,7 @@ def test_pixelate_keeps_the_same_detail_at_every_size() -> None:
     coarse = AugmentParams(reference_size=256, pixelate_scale=(0.5, 0.5)).at_size(64)
     assert coarse.pixelate_scale == (1.0, 1.0)
     kept = BatchAugment(dataclasses.replace(coarse, degrade_p=1.0, pixelate_p=1.0), 64)
-    pixelate_op = next(op for op in kept.degradations if isinstance(op, ops.Pixelate))
+    pixelate_op = next(op for op in kept.degradations if isinstance(op, degrade.Pixelate))
     x = down.expand(2, 3, 64, 64).contiguous()
     assert torch.equal(pixelate_op(x, torch.Generator().manual_seed(0)), x)
 

@@ -19,7 +19,8 @@ from classifier_training.distributed import (
     launched_world_size,
     simple_launcher_asked_for_many,
 )
-from classifier_training.recipe import RecipeError, parse_recipe
+from classifier_training.recipe import parse_recipe
+from classifier_training.recipe_yaml import RecipeError
 
 # torchrun --nproc_per_node 2 and accelerate launch --multi_gpu --num_processes 2, rank 1
 TORCHRUN = {

@@ -193,7 +193,8 @@ def test_export_cli_leaves_out_a_rejected_variant(
 
 
 def test_recipe_checks_the_export_and_near_duplicate_fields() -> None:
-    from classifier_training.recipe import RecipeError, parse_recipe
+    from classifier_training.recipe import parse_recipe
+    from classifier_training.recipe_yaml import RecipeError
 
     with pytest.raises(RecipeError, match=r"export\.precision 'fp32,bf16'"):
         parse_recipe(["--export.precision", "fp32,bf16"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from classifier_training.augment import BatchAugment, ops, resolve
+from classifier_training.augment import BatchAugment, geometry, resolve
 from classifier_training.recipe import RECIPE_DIR, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_generic_recipe_is_imagenet_style_with_flips_unless_orientation_sensitiv
     digits = load_recipe(RECIPE_DIR / "generic.yaml", ["--augment.orientation_sensitive", "true"])
     assert resolve(digits.augment).hflip_p == 0.0
     augment = BatchAugment(resolve(digits.augment), digits.data.image_size)
-    assert not any(isinstance(op, ops.RandomHorizontalFlip) for op in augment.geometry)
+    assert not any(isinstance(op, geometry.RandomHorizontalFlip) for op in augment.geometry)
 
 
 def test_the_readme_names_generic_yaml_as_the_start_for_own_data() -> None:

@@ -11,12 +11,11 @@ import pytest
 from classifier_training.recipe import (
     RECIPE_DIR,
     Recipe,
-    RecipeError,
     load_recipe,
     parse_recipe,
     save_recipe,
-    validate_yaml,
 )
+from classifier_training.recipe_yaml import RecipeError, validate_yaml
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -95,7 +94,7 @@ def test_unknown_key_names_file_line_and_key(tmp_path: Path) -> None:
 def test_unknown_section(tmp_path: Path) -> None:
     path = write(tmp_path, "optimiser:\n  lr: 0.1\n")
     with pytest.raises(RecipeError, match=r"r\.yaml:1: optimiser: unknown key; valid keys"):
-        validate_yaml(path)
+        validate_yaml(path, Recipe)
 
 
 def test_wrong_type_names_key(tmp_path: Path) -> None:

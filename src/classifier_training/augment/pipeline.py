@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from classifier_training.augment import ops
+from classifier_training.augment import degrade, erasing, geometry, ops, photometric
 from classifier_training.augment.presets import AugmentParams
 from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -99,11 +99,11 @@ class BatchAugment:
         self.effective = params.at_size(round(math.sqrt(self.size[0] * self.size[1])))
         p = self.effective
 
-        self.geometry: list[ops.GeometricOp] = []
+        self.geometry: list[geometry.GeometricOp] = []
         if p.crop_p > 0:
-            self.geometry.append(ops.RandomResizedCrop(p.crop_scale, p.crop_ratio, p.crop_p))
+            self.geometry.append(geometry.RandomResizedCrop(p.crop_scale, p.crop_ratio, p.crop_p))
         if p.hflip_p > 0:
-            self.geometry.append(ops.RandomHorizontalFlip(p.hflip_p))
+            self.geometry.append(geometry.RandomHorizontalFlip(p.hflip_p))
         if (
             p.rotate_degrees > 0
             or p.translate > 0
@@ -111,32 +111,38 @@ class BatchAugment:
             or p.affine_scale != (1, 1)
         ):
             self.geometry.append(
-                ops.RandomAffine(p.rotate_degrees, p.translate, p.affine_scale, p.shear_degrees)
+                geometry.RandomAffine(
+                    p.rotate_degrees, p.translate, p.affine_scale, p.shear_degrees
+                )
             )
         if p.perspective_p > 0 and p.perspective_distortion > 0:
-            self.geometry.append(ops.RandomPerspective(p.perspective_distortion, p.perspective_p))
+            self.geometry.append(
+                geometry.RandomPerspective(p.perspective_distortion, p.perspective_p)
+            )
 
         self.photometric: list[ops.PixelOp] = []
         if max(p.brightness, p.contrast, p.saturation, p.hue) > 0:
-            self.photometric.append(ops.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue))
+            self.photometric.append(
+                photometric.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)
+            )
         if p.blur_p > 0 and p.blur_kernel > 1:
-            self.photometric.append(ops.GaussianBlur(p.blur_kernel, p.blur_sigma, p.blur_p))
+            self.photometric.append(photometric.GaussianBlur(p.blur_kernel, p.blur_sigma, p.blur_p))
 
         self.degradations: list[ops.PixelOp] = []
         if p.degrade_p > 0:
             if p.pixelate_p > 0:
-                self.degradations.append(ops.Pixelate(p.pixelate_scale, p.pixelate_p))
+                self.degradations.append(degrade.Pixelate(p.pixelate_scale, p.pixelate_p))
             if p.downup_p > 0:
-                self.degradations.append(ops.BilinearDownUp(p.downup_scale, p.downup_p))
+                self.degradations.append(degrade.BilinearDownUp(p.downup_scale, p.downup_p))
             if p.noise_p > 0 and p.noise_sigma[1] > 0:
-                self.degradations.append(ops.GaussianNoise(p.noise_sigma, p.noise_p))
+                self.degradations.append(degrade.GaussianNoise(p.noise_sigma, p.noise_p))
             if p.zoom_p > 0:
                 self.degradations.append(
-                    ops.ZoomInOut(p.zoom_in_scale, p.zoom_out_scale, p.zoom_out_fill, p.zoom_p)
+                    degrade.ZoomInOut(p.zoom_in_scale, p.zoom_out_scale, p.zoom_out_fill, p.zoom_p)
                 )
 
         self.erasing = (
-            ops.RandomErasing(p.erase_p, p.erase_scale, p.erase_ratio, p.erase_value)
+            erasing.RandomErasing(p.erase_p, p.erase_scale, p.erase_ratio, p.erase_value)
             if p.erase_p > 0
             else None
         )
@@ -179,7 +185,7 @@ class BatchAugment:
         x = images_uint8.to(torch.float32).div_(255.0)
         if self.geometry:
             matrices = [op.matrix(batch, in_hw, self.size, generator) for op in self.geometry]
-            x = ops.warp(x, matrices, self.size, [op.fills for op in self.geometry])
+            x = geometry.warp(x, matrices, self.size, [op.fills for op in self.geometry])
         for op in self.photometric:
             x = op(x, generator)
         if self.degradations:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from classifier_training.augment import ops
+from classifier_training.augment import degrade, erasing, geometry, ops, photometric
 from classifier_training.augment.pipeline import BatchAugment
 from classifier_training.augment.presets import resolve
 from classifier_training.data.preprocess import open_rgb
@@ -39,27 +39,27 @@ def _to_uint8_hwc(x: Tensor) -> np.ndarray:
 
 def op_label(op: object, size: int) -> str:
     """A short name of ``op`` with its strength in pixels at ``size`` (two lines at most)."""
-    if isinstance(op, ops.RandomResizedCrop):
+    if isinstance(op, geometry.RandomResizedCrop):
         return f"crop\narea {op.scale[0]:.2g}-{op.scale[1]:.2g}"
-    if isinstance(op, ops.RandomHorizontalFlip):
+    if isinstance(op, geometry.RandomHorizontalFlip):
         return "hflip"
-    if isinstance(op, ops.RandomAffine):
+    if isinstance(op, geometry.RandomAffine):
         return f"affine\n{op.degrees:g}deg sh{op.shear:g}"
-    if isinstance(op, ops.RandomPerspective):
+    if isinstance(op, geometry.RandomPerspective):
         return f"perspective\n{op.distortion_scale:g}"
-    if isinstance(op, ops.ColorJitter):
+    if isinstance(op, photometric.ColorJitter):
         return f"jitter\n{op.brightness:g}/{op.contrast:g}/{op.saturation:g}/{op.hue:g}"
-    if isinstance(op, ops.GaussianBlur):
+    if isinstance(op, photometric.GaussianBlur):
         return f"blur k{op.kernel_size}\nsigma {op.sigma[0]:.2g}-{op.sigma[1]:.2g}px"
-    if isinstance(op, (ops.Pixelate, ops.BilinearDownUp)):
+    if isinstance(op, (degrade.Pixelate, degrade.BilinearDownUp)):
         low, high = (max(1, int(size * s)) for s in op.scale)
-        name = "pixelate" if isinstance(op, ops.Pixelate) else "down-up"
+        name = "pixelate" if isinstance(op, degrade.Pixelate) else "down-up"
         return f"{name}\nto {low}-{high}px"
-    if isinstance(op, ops.GaussianNoise):
+    if isinstance(op, degrade.GaussianNoise):
         return f"noise\nsigma {op.sigma[0]:.2g}-{op.sigma[1]:.2g}/255"
-    if isinstance(op, ops.ZoomInOut):
+    if isinstance(op, degrade.ZoomInOut):
         return f"zoom\n{op.in_scale[0]:g}-{op.out_scale[1]:g}x"
-    if isinstance(op, ops.RandomErasing):
+    if isinstance(op, erasing.RandomErasing):
         return f"erase\narea {op.scale[0]:.2g}-{op.scale[1]:.2g}"
     return type(op).__name__
 
@@ -81,7 +81,7 @@ def op_rows(
     for geo in augment.geometry:
         always = dataclasses.replace(geo, p=1.0)  # type: ignore[type-var]
         matrix = always.matrix(batch, in_hw, augment.size, generator)
-        out.append((op_label(geo, size), ops.warp(x, [matrix], augment.size, [geo.fills])))
+        out.append((op_label(geo, size), geometry.warp(x, [matrix], augment.size, [geo.fills])))
     for pixel_op in [*augment.photometric, *augment.degradations]:
         always_op = dataclasses.replace(pixel_op, p=1.0)  # type: ignore[type-var]
         out.append((op_label(pixel_op, size), always_op(x, generator)))

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import simple_parsing
 
-from classifier_training.recipe import ExportConfig, RecipeError
+from classifier_training.recipe import ExportConfig
+from classifier_training.recipe_yaml import RecipeError
 
 VARIANT_REJECTED = 3
 

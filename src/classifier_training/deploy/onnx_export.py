@@ -33,6 +33,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ from classifier_training.data.labels import read_labels_mapping, write_labels_ma
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
 from classifier_training.deploy import variants as V
 from classifier_training.deploy.assess import (
+    Assessment,
     AssessmentError,
     assess,
     assessment_info,
@@ -297,6 +299,37 @@ def _split_counts(run_dir: Path) -> dict[str, dict[str, int]]:
         return {}  # the card is still useful without counts
 
 
+@dataclass(frozen=True)
+class _RunParts:
+    """What a bundle is made of, read from the run folder and checked before anything is written."""
+
+    run_dir: Path
+    recipe: Recipe
+    mapping: dict[str, Any]
+    """The run's ``labels_mapping.json``."""
+    checkpoint: Path
+    weights: Literal["ema", "raw"]
+    """The exported weights."""
+    selected: Literal["ema", "raw"]
+    """The weights that drove model selection (``ema.select``; raw when EMA is off)."""
+    model: torch.nn.Module
+    """The exported weights in a float32, CPU, eval-mode model."""
+    state: TrainerState | None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.mapping["num_classes"])
+
+
+@dataclass(frozen=True)
+class _VerifySet:
+    """The real images the ONNX graph is checked on, normalised as the consumer does."""
+
+    images: npt.NDArray[np.float32]
+    split: str
+    root: Path
+
+
 def export_run(
     run_dir: str | Path,
     cfg: ExportConfig | None = None,
@@ -319,6 +352,22 @@ def export_run(
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else ExportConfig()
     out_dir = check_out_dir(out if out is not None else run_dir / "export", run_dir)
+    _check_settings(cfg)
+    recipe, mapping = _read_run(run_dir)
+    parts = _load_model(run_dir, recipe, mapping, cfg)
+    verify = _verification_set(parts, data_root, cfg.verify_images)
+    tmp = staging_dir(out_dir)
+    try:
+        _write_bundle(tmp, parts, cfg, verify)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_settings(cfg: ExportConfig) -> None:
+    """Refuse export settings that cannot give a verified bundle."""
     problems = export_problems(cfg)
     if problems:
         raise ExportError("; ".join(problems))
@@ -331,6 +380,10 @@ def export_run(
         raise ExportError(
             f"atol={cfg.atol}: the logit tolerance must be > 0 (default {ExportConfig.atol:g})"
         )
+
+
+def _read_run(run_dir: Path) -> tuple[Recipe, dict[str, Any]]:
+    """The run's recipe and class map, checked to agree on the image size."""
     recipe_path = run_dir / "recipe.yaml"
     labels_path = run_dir / LABELS_FILE
     for needed in (recipe_path, labels_path):
@@ -344,8 +397,6 @@ def export_run(
         mapping = read_labels_mapping(labels_path)
     except ValueError as err:
         raise ExportError(str(err)) from err
-    num_classes = int(mapping["num_classes"])
-    class_to_idx = {str(k): int(v) for k, v in mapping["class_to_idx"].items()}
     image_size = recipe.data.image_size
     pre = mapping.get("preprocessing")
     if pre is not None and int(pre["center_crop"]) != image_size:
@@ -353,7 +404,14 @@ def export_run(
             f"{labels_path}: preprocessing.center_crop={pre['center_crop']} but the recipe's "
             f"data.image_size={image_size}; the run directory is inconsistent"
         )
+    return recipe, mapping
 
+
+def _load_model(
+    run_dir: Path, recipe: Recipe, mapping: dict[str, Any], cfg: ExportConfig
+) -> _RunParts:
+    """The chosen checkpoint's chosen weights in the recipe's model, and its trainer state."""
+    num_classes = int(mapping["num_classes"])
     ckpt = resolve_checkpoint(run_dir, cfg.checkpoint)
     selected = _selected_weights(recipe, "selected")
     chosen = _selected_weights(recipe, cfg.weights)
@@ -366,79 +424,96 @@ def export_run(
             f"{ckpt}: {chosen} weights do not fit {recipe.model.arch} with {num_classes} "
             f"classes: {err}"
         ) from err
-    model = _cpu_eval_copy(model)
     state = TrainerState.from_file(ckpt / STATE_FILE) if (ckpt / STATE_FILE).is_file() else None
+    return _RunParts(run_dir, recipe, mapping, ckpt, chosen, selected, _cpu_eval_copy(model), state)
 
-    samples, verify_split, root = _verification_samples(
-        recipe, class_to_idx, data_root, cfg.verify_images
-    )
-    norm = mapping["normalization"]
-    x = to_nchw_float(_load_images(samples, image_size), norm["mean"], norm["std"])
 
-    tmp = staging_dir(out_dir)
+def _verification_set(parts: _RunParts, data_root: str | Path | None, n: int) -> _VerifySet:
+    """The first ``n`` validation (else test) images, preprocessed as the consumer does."""
+    class_to_idx = {str(k): int(v) for k, v in parts.mapping["class_to_idx"].items()}
+    samples, split, root = _verification_samples(parts.recipe, class_to_idx, data_root, n)
+    norm = parts.mapping["normalization"]
+    images = _load_images(samples, parts.recipe.data.image_size)
+    return _VerifySet(to_nchw_float(images, norm["mean"], norm["std"]), split, root)
+
+
+def _write_bundle(tmp: Path, parts: _RunParts, cfg: ExportConfig, verify: _VerifySet) -> None:
+    """Write every file of the bundle into the staging folder ``tmp``, verifying the graph."""
+    metadata = _onnx_metadata(parts)
+    export_onnx(parts.model, tmp / ONNX_FILE, parts.recipe.data.image_size, cfg.opset, metadata)
+    report = verify_onnx(tmp / ONNX_FILE, parts.model, verify.images, cfg.atol)
     try:
-        metadata = {
-            "idx_to_class": json.dumps(mapping["idx_to_class"]),
-            "num_classes": str(num_classes),
-            "normalization": json.dumps(norm),
-            "preprocessing": json.dumps(pre or {}),
-            "arch": recipe.model.arch,
-            "weights": chosen,
-            "checkpoint": str(ckpt),
-            "input": f"{INPUT_NAME}: float32 [batch, 3, {image_size}, {image_size}] normalized RGB",
-            "output": f"{OUTPUT_NAME}: float32 [batch, {num_classes}] raw logits",
-            "producer": f"classifier-training {classifier_training.__version__}",
-        }
-        export_onnx(model, tmp / ONNX_FILE, image_size, cfg.opset, metadata)
-        report = verify_onnx(tmp / ONNX_FILE, model, x, cfg.atol)
-        try:
-            assessment = assess(tmp, recipe, cfg, root, mapping, metadata)
-        except (AssessmentError, V.VariantError) as err:
-            raise ExportError(str(err)) from err
-        mapping = calibrated_mapping(mapping, assessment, tmp)
-        write_labels_mapping(tmp / LABELS_FILE, mapping)
-        save_model(
-            model,
-            str(tmp / WEIGHTS_FILE),
-            metadata={
-                "arch": recipe.model.arch,
-                "num_classes": str(num_classes),
-                "weights": chosen,
-            },
-        )
-        metrics = dict(state.metrics) if state else {}
-        onnx_sha256 = hashlib.sha256((tmp / ONNX_FILE).read_bytes()).hexdigest()
-        info: dict[str, Any] = {
-            "run_name": recipe.name,
-            "arch": recipe.model.arch,
-            "num_classes": num_classes,
-            "image_size": image_size,
-            "weights": chosen,
-            "opset": cfg.opset,
-            "model_onnx_sha256": onnx_sha256,
-            "checkpoint": {
-                "path": str(ckpt),
-                "epoch": state.epoch if state else None,
-                "updates": state.updates if state else None,
-                "monitor": recipe.train.monitor,
-                "monitor_value": metrics.get(recipe.train.monitor),
-                "monitor_weights": selected,
-            },
-            "data": {"root": str(root), "verify_split": verify_split},
-            "verification": report,
-            **assessment_info(assessment),
-            "versions": _versions(),
-            "code_version": code_version(),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-        atomic_write_json(tmp / EXPORT_INFO_FILE, info)
-        card = model_card(info, mapping, _split_counts(run_dir))
-        atomic_write_text(tmp / CARD_FILE, card)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        assessment = assess(tmp, parts.recipe, cfg, verify.root, parts.mapping, metadata)
+    except (AssessmentError, V.VariantError) as err:
+        raise ExportError(str(err)) from err
+    mapping = calibrated_mapping(parts.mapping, assessment, tmp)
+    write_labels_mapping(tmp / LABELS_FILE, mapping)
+    save_model(
+        parts.model,
+        str(tmp / WEIGHTS_FILE),
+        metadata={
+            "arch": parts.recipe.model.arch,
+            "num_classes": str(parts.num_classes),
+            "weights": parts.weights,
+        },
+    )
+    info = _export_info(parts, cfg, verify, report, assessment, tmp / ONNX_FILE)
+    atomic_write_json(tmp / EXPORT_INFO_FILE, info)
+    card = model_card(info, mapping, _split_counts(parts.run_dir))
+    atomic_write_text(tmp / CARD_FILE, card)
+
+
+def _onnx_metadata(parts: _RunParts) -> dict[str, str]:
+    """The ``metadata_props`` of ``model.onnx``: class map, normalization, preprocessing, I/O."""
+    size, num_classes = parts.recipe.data.image_size, parts.num_classes
+    return {
+        "idx_to_class": json.dumps(parts.mapping["idx_to_class"]),
+        "num_classes": str(num_classes),
+        "normalization": json.dumps(parts.mapping["normalization"]),
+        "preprocessing": json.dumps(parts.mapping.get("preprocessing") or {}),
+        "arch": parts.recipe.model.arch,
+        "weights": parts.weights,
+        "checkpoint": str(parts.checkpoint),
+        "input": f"{INPUT_NAME}: float32 [batch, 3, {size}, {size}] normalized RGB",
+        "output": f"{OUTPUT_NAME}: float32 [batch, {num_classes}] raw logits",
+        "producer": f"classifier-training {classifier_training.__version__}",
+    }
+
+
+def _export_info(
+    parts: _RunParts,
+    cfg: ExportConfig,
+    verify: _VerifySet,
+    report: dict[str, Any],
+    assessment: Assessment,
+    onnx_path: Path,
+) -> dict[str, Any]:
+    """``export.json``: provenance, the verification report and the assessment."""
+    recipe, state = parts.recipe, parts.state
+    metrics = dict(state.metrics) if state else {}
+    return {
+        "run_name": recipe.name,
+        "arch": recipe.model.arch,
+        "num_classes": parts.num_classes,
+        "image_size": recipe.data.image_size,
+        "weights": parts.weights,
+        "opset": cfg.opset,
+        "model_onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        "checkpoint": {
+            "path": str(parts.checkpoint),
+            "epoch": state.epoch if state else None,
+            "updates": state.updates if state else None,
+            "monitor": recipe.train.monitor,
+            "monitor_value": metrics.get(recipe.train.monitor),
+            "monitor_weights": parts.selected,
+        },
+        "data": {"root": str(verify.root), "verify_split": verify.split},
+        "verification": report,
+        **assessment_info(assessment),
+        "versions": _versions(),
+        "code_version": code_version(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
