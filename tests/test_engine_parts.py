@@ -17,7 +17,6 @@ from classifier_training.checkpoint import (
     CheckpointManager,
     CheckpointWriteError,
     TrainerState,
-    find_resume_checkpoint,
     load_weights,
     resolve_checkpoint,
     verify_files,
@@ -30,6 +29,7 @@ from classifier_training.optim import (
     updates_per_epoch,
 )
 from classifier_training.recipe import LossConfig, OptimConfig, ScheduleConfig, TrainConfig
+from classifier_training.resume import find_resume_checkpoint
 from classifier_training.runtime import exact_fp32, require_cuda, resolve_mixed_precision
 
 

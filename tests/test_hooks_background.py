@@ -179,14 +179,18 @@ def test_jobs_run_in_order_and_replace_drops_a_queued_redraw(tmp_path: Path) -> 
     results: list[str] = []
     gate = tmp_path / "gate"  # the worker stays busy with "first" until every job is queued
     work.submit(wait_then_append, log, "first", gate, then=results.append)
-    work.submit(append_line, log, "filler", then=results.append)  # fills the worker's queue
+    # ProcessPoolExecutor hands up to two jobs to the worker's call queue ahead of time (they
+    # can no longer be cancelled): two fillers take those places whether or not the worker has
+    # picked "first" up yet, so "history epoch 1" is surely still cancellable.
+    for _ in range(2):
+        work.submit(append_line, log, "filler", then=results.append)
     work.submit(append_line, log, "history epoch 1", replace="history", then=results.append)
     work.submit(append_line, log, "history epoch 2", replace="history", then=results.append)
     gate.touch()
     work.wait()
     work.close()
-    assert log.read_text().splitlines() == ["first", "filler", "history epoch 2"]
-    assert results == ["first", "filler", "history epoch 2"]
+    assert log.read_text().splitlines() == ["first", "filler", "filler", "history epoch 2"]
+    assert results == ["first", "filler", "filler", "history epoch 2"]
 
 
 def test_backpressure_bounds_the_queue(tmp_path: Path) -> None:

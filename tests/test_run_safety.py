@@ -24,10 +24,7 @@ from classifier_training.checkpoint import (
     Ledger,
     TrainerState,
     check_files,
-    choose_resume,
-    clear_checkpoints,
     load_weights,
-    plan_start,
     remove_orphans,
 )
 from classifier_training.compat import (
@@ -41,6 +38,7 @@ from classifier_training.compat import (
 )
 from classifier_training.data.index import index_dataset
 from classifier_training.recipe import parse_recipe
+from classifier_training.resume import choose_resume, clear_checkpoints, plan_start
 from classifier_training.run_lock import LOCK_FILE, RunLock, RunLockedError
 from conftest import write_jsonl_dataset
 

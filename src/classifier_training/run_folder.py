@@ -28,16 +28,14 @@ from typing import Any
 from classifier_training.agreement import share_from_main
 from classifier_training.checkpoint import (
     CheckpointManager,
-    ResumeChoice,
     TrainerState,
-    clear_checkpoints,
-    plan_start,
     remove_orphans,
 )
 from classifier_training.compat import COMPAT_FILE, ResumeCheck, check_resume, run_record
 from classifier_training.data.index import DatasetIndex
 from classifier_training.preemption import PreemptedError, StopPoll, StopSignals
 from classifier_training.recipe import Recipe
+from classifier_training.resume import ResumeChoice, clear_checkpoints, plan_start
 from classifier_training.run_lock import RunLock
 
 

@@ -17,7 +17,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils.model_ema import ModelEmaV3
 
 from classifier_training.augment.pipeline import BatchAugment
-from classifier_training.augment.presets import resolve
+from classifier_training.augment.presets import AugmentParams, resolve
 from classifier_training.checkpoint import CheckpointManager, TrainerState, load_checkpoint
 from classifier_training.data.cache import SplitCaches, open_caches
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
@@ -114,19 +114,7 @@ def _setup(
         save_recipe(recipe, run_dir / "recipe.yaml")
     class_names = _labels(recipe, accelerator, run_dir, index)
     data = recipe.data
-    caches = open_caches(index, mode=data.cache, image_size=data.image_size,
-                         train_fit=data.train_fit, cache_dir=data.cache_dir,
-                         first=accelerator.local_main_process_first)  # fmt: skip
-    aug_params = resolve(recipe.augment)
-    loaders = build_loaders(
-        recipe.data,
-        index,
-        jpeg_p=aug_params.degrade_p * aug_params.jpeg_p,
-        jpeg_quality=aug_params.jpeg_quality,
-        seed=recipe.train.seed,
-        num_processes=accelerator.num_processes,
-        caches=caches.caches,
-    )
+    caches, aug_params, loaders = _build_data(recipe, accelerator, index)
     parts = _build_trainables(recipe, accelerator, loaders, index, class_names)
     compiled = ", torch.compile on" if recipe.train.compile else ""
     accelerator.print(describe_runtime(accelerator, runtime, workers=data.num_workers,
@@ -193,6 +181,28 @@ def _setup(
         **parts._asdict(),
     )
     return run, state
+
+
+def _build_data(
+    recipe: Recipe, accelerator: Accelerator, index: DatasetIndex
+) -> tuple[SplitCaches, AugmentParams, Loaders]:
+    """The decoded-image caches, the resolved augmentation and the loaders (whose JPEG
+    re-encode draws come from the augmentation's degradation settings)."""
+    data = recipe.data
+    caches = open_caches(index, mode=data.cache, image_size=data.image_size,
+                         train_fit=data.train_fit, cache_dir=data.cache_dir,
+                         first=accelerator.local_main_process_first)  # fmt: skip
+    aug_params = resolve(recipe.augment)
+    loaders = build_loaders(
+        data,
+        index,
+        jpeg_p=aug_params.degrade_p * aug_params.jpeg_p,
+        jpeg_quality=aug_params.jpeg_quality,
+        seed=recipe.train.seed,
+        num_processes=accelerator.num_processes,
+        caches=caches.caches,
+    )
+    return caches, aug_params, loaders
 
 
 class _Trainables(NamedTuple):
