@@ -8,7 +8,7 @@ mapping is not written.
 ``make_imagefolder_dataset`` writes the same images as ``<split>/<class>/<file>.jpg``.
 ``tiny_data`` is a module-scoped tiny synthetic jersey dataset for end-to-end runs;
 ``fresh_accelerate_state`` resets Accelerate's singletons around a test (opt in per module with
-``pytest.mark.usefixtures``).
+``pytest.mark.usefixtures``); ``assert_imports_without_torch`` guards the torch-free modules.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,3 +168,14 @@ def fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+def assert_imports_without_torch(*modules: str) -> None:
+    """Import ``modules`` in a fresh interpreter and fail if that imported torch (the data-index
+    and deployment side must work where torch is not installed)."""
+    names = ", ".join(modules)
+    code = (
+        f"import sys\nimport {names}\n"
+        f"assert 'torch' not in sys.modules, 'importing {names} imported torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
