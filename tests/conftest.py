@@ -6,6 +6,9 @@ that moves with the row number, so every image differs) and returns ``root``. ``
 int (rows per class in every split) or ``{split: int | {label: int}}``; a split missing from that
 mapping is not written.
 ``make_imagefolder_dataset`` writes the same images as ``<split>/<class>/<file>.jpg``.
+``tiny_data`` is a module-scoped tiny synthetic jersey dataset for end-to-end runs;
+``fresh_accelerate_state`` resets Accelerate's singletons around a test (opt in per module with
+``pytest.mark.usefixtures``); ``assert_imports_without_torch`` guards the torch-free modules.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +137,45 @@ def make_jsonl_dataset() -> Callable[..., Path]:
 def make_imagefolder_dataset() -> Callable[..., Path]:
     """Factory: ``make_imagefolder_dataset(tmp_path, classes=..., per_split=..., size=...)``."""
     return write_imagefolder_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic jersey dataset per test module: labels 0, 00, 1, 7; 10 / 3 / 2 images per
+    class in train / valid / test; 32 px; seed 1. (test_multiprocess overrides it.)"""
+    from classifier_training.data.synthetic import generate
+    from classifier_training.recipe import SyntheticConfig
+
+    root = tmp_path_factory.mktemp("data") / "jerseys"
+    cfg = SyntheticConfig(
+        labels=["0", "00", "1", "7"],
+        train_per_class=10,
+        valid_per_class=3,
+        test_per_class=2,
+        image_size=32,
+        seed=1,
+    )
+    generate(root, cfg)
+    return root
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Reset Accelerate's process-wide state before and after the test, so no Accelerator
+    (device, mixed precision, process count) leaks between tests."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def assert_imports_without_torch(*modules: str) -> None:
+    """Import ``modules`` in a fresh interpreter and fail if that imported torch (the data-index
+    and deployment side must work where torch is not installed)."""
+    names = ", ".join(modules)
+    code = (
+        f"import sys\nimport {names}\n"
+        f"assert 'torch' not in sys.modules, 'importing {names} imported torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from classifier_training.data.index import (
     index_dataset,
     index_split,
 )
+from conftest import assert_imports_without_torch
 
 MakeDataset = Callable[..., Path]
 LOGGER = "classifier_training.data.index"
@@ -392,13 +391,12 @@ def test_sample_is_frozen() -> None:
 
 
 def test_torch_free_modules_do_not_import_torch() -> None:
-    code = (
-        "import sys\n"
-        "import classifier_training.data.index, classifier_training.data.labels\n"
-        "import classifier_training.data.preprocess, classifier_training.data.validate\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    assert_imports_without_torch(
+        "classifier_training.data.index",
+        "classifier_training.data.labels",
+        "classifier_training.data.preprocess",
+        "classifier_training.data.validate",
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_index_split_against_a_given_class_map(

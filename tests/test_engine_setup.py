@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,8 @@ from classifier_training.engine.setup import Run, setup
 from classifier_training.recipe import Recipe, parse_recipe
 from conftest import write_jsonl_dataset
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 CLASSES = ("0", "1", "7")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,7 @@ from classifier_training.deploy import export_cli
 from classifier_training.deploy import predict as predict_cli
 from classifier_training.deploy.onnx_export import export_run
 from classifier_training.recipe import ExportConfig
-from test_onnx_export import make_run
-
-BUNDLE = [
-    "README.md",
-    "export.json",
-    "labels_mapping.json",
-    "model.onnx",
-    "model.safetensors",
-    "reliability.png",
-]
+from test_onnx_export import BUNDLE, make_run
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from classifier_training.deploy.onnx_classifier import OnnxClassifier, softmax
 from classifier_training.deploy.onnx_export import export_run
 from classifier_training.evaluation import EvalResult
 from classifier_training.evaluation import evaluate as torch_evaluate
-from conftest import write_imagefolder_dataset
+from conftest import assert_imports_without_torch, write_imagefolder_dataset
 from test_onnx_export import CLASSES, SIZE, make_run, real_batch
 
 
@@ -229,10 +227,9 @@ def test_evaluate_cli(
 
 
 def test_torch_free_deploy_modules_do_not_import_torch() -> None:
-    code = (
-        "import classifier_training.deploy, classifier_training.deploy.onnx_classifier, "
-        "classifier_training.deploy.evaluate, "
-        "classifier_training.deploy.predict; import sys; "
-        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    assert_imports_without_torch(
+        "classifier_training.deploy",
+        "classifier_training.deploy.onnx_classifier",
+        "classifier_training.deploy.evaluate",
+        "classifier_training.deploy.predict",
     )
-    subprocess.run([sys.executable, "-c", code], check=True)

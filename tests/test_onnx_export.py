@@ -44,6 +44,15 @@ from conftest import write_jsonl_dataset
 CLASSES = ("0", "00", "1", "10", "2")
 SIZE = 32
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BUNDLE = [
+    "README.md",
+    "export.json",
+    "labels_mapping.json",
+    "model.onnx",
+    "model.safetensors",
+    "reliability.png",
+]
+"""The files of an export bundle with the default export settings (fp32 only), sorted."""
 
 
 def tiny_model(num_classes: int = len(CLASSES), seed: int = 0) -> torch.nn.Module:
@@ -191,14 +200,7 @@ def test_export_run_writes_a_verified_bundle_of_the_ema_weights(tmp_path: Path) 
     run: Path = fake["run"]
     out = export_run(run)
     assert out == run / "export"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md",
-        "export.json",
-        "labels_mapping.json",
-        "model.onnx",
-        "model.safetensors",
-        "reliability.png",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == BUNDLE
     shipped = read_labels_mapping(out / "labels_mapping.json")
     calibration = shipped.pop("calibration")  # the one addition to the run's mapping
     assert shipped == read_labels_mapping(run / "labels_mapping.json")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,30 +14,12 @@ from safetensors.torch import load_file
 
 import train as train_script
 from classifier_training.checkpoint import EMA_FILE
-from classifier_training.data.synthetic import generate
-from classifier_training.recipe import SyntheticConfig
 from classifier_training.timing import PHASES
 from test_train_e2e import tiny_recipe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 ROOT = Path(__file__).resolve().parents[1]
 DRAWING_HOOKS = ("confusion_matrix", "history", "sample_predictions", "sampler_distribution")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "jerseys"
-    cfg = SyntheticConfig(labels=["0", "00", "1", "7"], train_per_class=10, valid_per_class=3,
-                          test_per_class=2, image_size=32, seed=1)  # fmt: skip
-    generate(root, cfg)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def untimed(path: Path) -> list[dict[str, float]]:

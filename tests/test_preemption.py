@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from accelerate import Accelerator, debug_launcher
-from accelerate.state import AcceleratorState
 
 from classifier_training.agreement import FlagAgreement, share_from_main
 from classifier_training.checkpoint import CheckpointError
@@ -26,14 +24,8 @@ from classifier_training.preemption import (
     ignore_stop_signals,
 )
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def test_exit_status_is_ex_tempfail() -> None:

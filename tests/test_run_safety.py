@@ -8,13 +8,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
-from accelerate.state import AcceleratorState
 
 from classifier_training.checkpoint import (
     LEDGER,
@@ -42,14 +40,8 @@ from classifier_training.resume import choose_resume, clear_checkpoints, plan_st
 from classifier_training.run_lock import LOCK_FILE, RunLock, RunLockedError
 from conftest import write_jsonl_dataset
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 # ---------------------------------------------------------------------------------------------

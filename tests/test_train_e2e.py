@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,38 +23,13 @@ from classifier_training.checkpoint import (
 from classifier_training.data.imbalance import class_counts, inverse_frequency_weights
 from classifier_training.data.loaders import build_loaders, load_index
 from classifier_training.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from classifier_training.data.synthetic import generate
 from classifier_training.engine.loop import LoopCallback
 from classifier_training.evaluation import evaluate
 from classifier_training.hooks import BackgroundWork, HookFailedElsewhereError, run_hooks
 from classifier_training.hooks.base import FitContext, Hook
-from classifier_training.recipe import Recipe, SyntheticConfig, parse_recipe
+from classifier_training.recipe import Recipe, parse_recipe
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "jerseys"
-    generate(
-        root,
-        SyntheticConfig(
-            labels=["0", "00", "1", "7"],
-            train_per_class=10,
-            valid_per_class=3,
-            test_per_class=2,
-            image_size=32,
-            seed=1,
-        ),
-    )
-    return root
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 
 
 def tiny_recipe(data: Path, out: Path, *extra: str) -> Recipe:

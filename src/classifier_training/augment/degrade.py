@@ -27,13 +27,22 @@ from classifier_training.augment.ops import (
 )
 
 
-def _small_sizes(scale: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """``max(1, int(side * s))`` per sample for (height, width), float64 integral values."""
-    s = scale.to(torch.float64)
-    return (
-        torch.floor(hw[0] * s).clamp_min(1.0),
-        torch.floor(hw[1] * s).clamp_min(1.0),
-    )
+def _draw_small_sizes(
+    scale: tuple[float, float],
+    p: float,
+    x: Tensor,
+    generator: torch.Generator,
+    gate: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The draws of a down-and-back-up op: s ~ U(scale), then the mask (prob ``p``, gated).
+
+    Returns ``(mask, small_h, small_w)``: the bool [B] mask and ``max(1, int(side * s))`` per
+    sample for the height and width of ``x`` (float64 integral values).
+    """
+    batch, _, height, width = x.shape
+    s = uniform(*scale, batch, generator, torch.float64)
+    mask = gated(apply_mask(p, batch, generator), gate)
+    return mask, torch.floor(height * s).clamp_min(1.0), torch.floor(width * s).clamp_min(1.0)
 
 
 def _nearest_round_trip_index(small: Tensor, size: int) -> Tensor:
@@ -141,10 +150,8 @@ class Pixelate:
     p: float = 0.3
 
     def __call__(self, x: Tensor, generator: torch.Generator, gate: Tensor | None = None) -> Tensor:
-        batch, _, height, width = x.shape
-        s = uniform(*self.scale, batch, generator, torch.float64)
-        mask = gated(apply_mask(self.p, batch, generator), gate)
-        small_h, small_w = _small_sizes(s, (height, width))
+        _, _, height, width = x.shape
+        mask, small_h, small_w = _draw_small_sizes(self.scale, self.p, x, generator, gate)
         # unselected samples get the identity index map (exact, no extra pass)
         small_h = torch.where(mask, small_h, float(height))
         small_w = torch.where(mask, small_w, float(width))
@@ -163,10 +170,8 @@ class BilinearDownUp:
     p: float = 0.3
 
     def __call__(self, x: Tensor, generator: torch.Generator, gate: Tensor | None = None) -> Tensor:
-        batch, _, height, width = x.shape
-        s = uniform(*self.scale, batch, generator, torch.float64)
-        mask = gated(apply_mask(self.p, batch, generator), gate)
-        small_h, small_w = _small_sizes(s, (height, width))
+        _, _, height, width = x.shape
+        mask, small_h, small_w = _draw_small_sizes(self.scale, self.p, x, generator, gate)
         min_small = int(min(height, width) * self.scale[0])
         return select(mask, down_up(x, small_h, small_w, min_small), x)
 
