@@ -145,8 +145,8 @@ def test_confusion_matrix_at_42_classes(tmp_path: Path) -> None:
     assert len(names) == 42
     targets, preds = confusion_case(len(names))
     ctx = make_ctx(tmp_path, class_names=names)
-    ctx.epoch = 0
-    ctx.best_checkpoint = tmp_path / "checkpoints" / "epoch-001"  # drawn as the best epoch
+    ctx.epoch, ctx.is_last_epoch = 0, True
+    ctx.best_checkpoint = tmp_path / "checkpoints" / "epoch-001"  # the best and last epoch
     ctx.evals = {"val": eval_result(targets, preds, len(names))}
     ConfusionMatrixHook().on_epoch_end(ctx)
     ctx.background.wait()  # the figures' tracker images are logged once written
@@ -162,6 +162,35 @@ def test_confusion_matrix_at_42_classes(tmp_path: Path) -> None:
     assert counts == sorted(counts, reverse=True)
     assert any("most confused" in line for line in ctx.accelerator.printed)
     assert set(ctx.extra["logged"]) == {"val/confusion_matrix", "val/confusion_matrix_normalized"}
+
+
+def test_a_best_only_epoch_is_drawn_at_the_end_if_it_is_still_the_best(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, recipe=Recipe(hooks=HooksConfig(confusion_every=0)))
+    hook = ConfusionMatrixHook()
+    epochs = tmp_path / "epochs"
+    for epoch, preds in enumerate(([0, 0, 2], [0, 1, 1], [0, 2, 2])):
+        ctx.epoch, ctx.is_last_epoch = epoch, epoch == 2
+        ctx.best_checkpoint = tmp_path / "checkpoints" / f"epoch-{min(epoch, 1) + 1:03d}"
+        ctx.evals = {"val": eval_result([0, 1, 2], preds, len(CLASSES))}
+        hook.on_epoch_end(ctx)
+        ctx.background.wait()
+        if epoch == 0:  # the best so far: its counts are recorded, the drawing waits
+            record = json.loads((epochs / "001" / "confused_pairs.json").read_text())
+            assert [row[:3] for row in record["counts"][:3]] == [[1, 0, 0], [1, 0, 0], [0, 0, 1]]
+            assert not (epochs / "001" / "confusion_matrix.png").exists()
+    assert not (epochs / "001" / "confused_pairs.json").exists()  # epoch 2 became the best
+    for folder in ("002", "003"):  # the best (drawn at the end from its record) and the last
+        assert_png(epochs / folder / "confusion_matrix.png")
+        assert_png(epochs / folder / "confusion_matrix_normalized.png")
+    record = json.loads((epochs / "002" / "confused_pairs.json").read_text())
+    assert record["drawn_because"] == ["best"] and record["counts"][1][:3] == [0, 1, 0]
+
+    # After a resume, a fresh hook still draws the best epoch from its record.
+    (epochs / "002" / "confusion_matrix.png").unlink()
+    ctx.epoch = 3
+    ConfusionMatrixHook().on_epoch_end(ctx)
+    ctx.background.wait()
+    assert_png(epochs / "002" / "confusion_matrix.png")
 
 
 def test_confusion_counts_rows_are_true_classes() -> None:

@@ -133,11 +133,13 @@ def test_confusion_at_best_last_and_every_n_and_old_best_removed(tmp_path: Path)
         drawn_each.append(
             sorted(p.parent.name for p in (tmp_path / "epochs").glob("*/confusion_matrix.png"))
         )
-    # epoch 1 (best only) is replaced by epoch 2, which stays the best through epoch 5
-    assert drawn_each[1] == ["002"] and drawn_each[4] == ["002", "003"]
+    # epoch 1 (best only) is replaced by epoch 2, which stays the best through epoch 5: both
+    # are recorded, neither drawn (a best-only epoch is drawn at the end if still the best)
+    assert drawn_each[1] == [] and drawn_each[4] == ["003"]
     drawn = sorted(p.parent.name for p in (tmp_path / "epochs").glob("*/confusion_matrix.png"))
     # epoch 6 is the final best (and every 3); epoch 2 gave way to it; 7 is the last
     assert drawn == ["003", "006", "007"]
+    assert not (tmp_path / "epochs" / "002" / "confused_pairs.json").exists()
     info = json.loads((tmp_path / "epochs" / "006" / "confused_pairs.json").read_text())
     assert info["drawn_because"] == ["best", "every 3"]
     assert not (tmp_path / "epochs" / "001" / "confused_pairs.json").exists()

@@ -3,19 +3,23 @@
 No extra forward pass: ``ctx.evals["val"]`` already holds every validation sample's logits.
 ``cm[t, p]`` counts samples of true class ``t`` predicted as ``p`` (one ``bincount`` of
 ``t * C + p``); the normalised matrix divides each row by its support, so its diagonal is the
-per-class recall. Drawn at the **best epoch** (the epoch whose checkpoint is the run's best), the
-**last epoch** and every ``hooks.confusion_every`` epochs; a matrix drawn only because its epoch
-was the best is removed when a later epoch becomes the best (so a long run keeps a handful, not
-one per epoch). Classes are shown in natural order ("2" before "10"); the label indices of the
-contract are unchanged::
+per-class recall. Kept for the **best epoch** (the epoch whose checkpoint is the run's best), the
+**last epoch** and every ``hooks.confusion_every`` epochs. An epoch that is only the best so far
+writes its counts to ``confused_pairs.json`` at once, and its heat maps are drawn at the last
+epoch if it is still the best then (from that file, so also after a resume): in a run that keeps
+improving, every epoch is briefly the best, and drawing each one (~0.8-2 s of a core) would be
+work the next best deletes. A later best removes the earlier best-only record. Classes are shown
+in natural order ("2" before "10"); the label indices of the contract are unchanged::
 
     epochs/NNN/confusion_matrix.png              counts
     epochs/NNN/confusion_matrix_normalized.png   row-normalised
-    epochs/NNN/confused_pairs.json               off-diagonal cells, most frequent first
+    epochs/NNN/confused_pairs.json               counts [true][predicted], title, and the
+                                                 off-diagonal cells, most frequent first
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import torch
 from matplotlib.figure import Figure
 
 from classifier_training.display import natural_order
+from classifier_training.evaluation import EvalResult
 from classifier_training.hooks.base import FitContext, Hook
 from classifier_training.io import atomic_write_json, save_figure
 
@@ -136,7 +141,7 @@ class ConfusionMatrixHook(Hook):
     name = "confusion_matrix"
 
     def __init__(self) -> None:
-        self._best_only: Path | None = None  # folder whose matrices exist only as "best"
+        self._best_only: Path | None = None  # folder whose record exists only as "best"
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         best = ctx.best_checkpoint
@@ -145,8 +150,24 @@ class ConfusionMatrixHook(Hook):
             ctx.epoch, ctx.recipe.hooks.confusion_every, is_best, ctx.is_last_epoch
         )
         ev = ctx.evals.get("val")
-        if not reasons or ev is None or len(ev.targets) == 0:
-            return
+        if reasons and ev is not None and len(ev.targets) > 0:
+            self._record(ctx, ev, reasons, draw=reasons != ["best"])
+            if is_best:
+                if self._best_only is not None and self._best_only != ctx.epoch_dir():
+                    for name in FILES:
+                        (self._best_only / name).unlink(missing_ok=True)
+                self._best_only = ctx.epoch_dir() if reasons == ["best"] else None
+        if (
+            ctx.is_last_epoch
+            and best is not None
+            and not is_best
+            and best.name.startswith("epoch-")
+        ):
+            self._draw_deferred(ctx, ctx.run_dir / "epochs" / best.name.removeprefix("epoch-"))
+
+    def _record(self, ctx: FitContext, ev: EvalResult, reasons: list[str], draw: bool) -> None:
+        """Write this epoch's ``confused_pairs.json`` (with the counts) and, with ``draw``,
+        submit its heat maps; print the most confused pairs."""
         names = ctx.class_names
         cm = confusion_counts(ev.targets, ev.preds, len(names)).numpy()
         correct = int(np.trace(cm))
@@ -156,27 +177,43 @@ class ConfusionMatrixHook(Hook):
             f"epoch {ctx.epoch + 1} ({', '.join(reasons)}), {ev.weights} weights, {ev.split}: "
             f"top-1 {correct / total:.3f} ({correct}/{total})"
         )
-        # The two heat maps are the slow part (~2 s at 42 classes): drawn beside training.
-        ctx.background.submit(write_confusion_figures, cm, names, head, out, then=ctx.log_images)
         pairs = confused_pairs(cm, names)
-        atomic_write_json(
-            out / FILES[2],
-            {
-                "epoch": ctx.epoch + 1,
-                "drawn_because": reasons,
-                "weights": ev.weights,
-                "split": ev.split,
-                "pairs": pairs,
-            },
-        )
-        if is_best:
-            if self._best_only is not None and self._best_only != out:
-                for name in FILES:
-                    (self._best_only / name).unlink(missing_ok=True)
-            self._best_only = out if reasons == ["best"] else None
+        record = {
+            "epoch": ctx.epoch + 1,
+            "drawn_because": reasons,
+            "weights": ev.weights,
+            "split": ev.split,
+            "title": head,
+            "class_names": names,
+            "counts": cm.tolist(),
+            "pairs": pairs,
+        }
+        atomic_write_json(out / FILES[2], record)
+        if draw:  # the two heat maps are the slow part (~2 s at 42 classes): beside training
+            ctx.background.submit(
+                write_confusion_figures, cm, names, head, out, then=ctx.log_images
+            )
         if pairs:
             shown = ", ".join(
                 f"{d['true']}->{d['predicted']} x{d['count']} ({float(d['rate']):.0%})"
                 for d in pairs[:5]
             )
             ctx.accelerator.print(f"most confused (true->predicted): {shown}")
+
+    def _draw_deferred(self, ctx: FitContext, folder: Path) -> None:
+        """The best epoch's heat maps, from its record, if they were not drawn yet."""
+        record_path = folder / FILES[2]
+        if (folder / FILES[0]).exists() or not record_path.is_file():
+            return
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("drawn_because") != ["best"] or "counts" not in record:
+            return  # drawn when recorded (perhaps still in the worker), or an older record
+        cm = np.asarray(record["counts"], dtype=np.int64)
+        ctx.background.submit(
+            write_confusion_figures,
+            cm,
+            list(record["class_names"]),
+            str(record["title"]),
+            folder,
+            then=ctx.log_images,
+        )
