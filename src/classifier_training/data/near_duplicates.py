@@ -126,6 +126,24 @@ def _pairs_between(
     return np.concatenate(ii), np.concatenate(jj), np.concatenate(dd)
 
 
+def _thumb_diffs(
+    thumbs_a: Sequence[npt.NDArray[np.uint8]],
+    thumbs_b: Sequence[npt.NDArray[np.uint8]],
+    ii: npt.NDArray[np.int64],
+    jj: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """Mean absolute thumbnail difference of each candidate pair ``(ii[k], jj[k])``, in
+    chunks (dHash alone pairs many unrelated small or plain images: the thumbnails decide)."""
+    out = np.empty(len(ii), dtype=np.float64)
+    if not len(ii):
+        return out
+    ta, tb = np.stack(thumbs_a).astype(np.int16), np.stack(thumbs_b).astype(np.int16)
+    for start in range(0, len(ii), _CHUNK):
+        i, j = ii[start : start + _CHUNK], jj[start : start + _CHUNK]
+        out[start : start + len(i)] = np.abs(ta[i] - tb[j]).mean(axis=(1, 2, 3))
+    return out
+
+
 def _hashed(sig: Signature | str | None) -> bool:
     return isinstance(sig, Signature) and sig.dhash is not None
 
@@ -159,11 +177,11 @@ def find_near_duplicates(
             continue
         ha = np.array([s.dhash for _, _, s in fa], dtype=np.uint64)
         hb = np.array([s.dhash for _, _, s in fb], dtype=np.uint64)
-        for i, j, d in zip(*_pairs_between(ha, hb, max_distance), strict=True):
-            (pa, la, ga), (pb, lb, gb) = fa[i], fb[j]
-            diff = float(np.abs(ga.thumb.astype(np.int16) - gb.thumb.astype(np.int16)).mean())
-            if diff <= max_mean_diff:
-                found.append(NearDuplicate(int(d), diff, sa, pa, la, sb, pb, lb))
+        ii, jj, dd = _pairs_between(ha, hb, max_distance)
+        diffs = _thumb_diffs([s.thumb for _, _, s in fa], [s.thumb for _, _, s in fb], ii, jj)
+        for k in np.nonzero(diffs <= max_mean_diff)[0]:
+            (pa, la, _), (pb, lb, _) = fa[ii[k]], fb[jj[k]]
+            found.append(NearDuplicate(int(dd[k]), float(diffs[k]), sa, pa, la, sb, pb, lb))
     found.sort(key=lambda x: (x.distance, x.mean_diff, x.split_a, str(x.path_a), str(x.path_b)))
     return found
 
