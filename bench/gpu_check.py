@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def dataset(args: argparse.Namespace) -> Path:
-    data = args.out / f"data-{args.size}px-{args.per_class}-{args.eval_per_class}"
+    data: Path = args.out / f"data-{args.size}px-{args.per_class}-{args.eval_per_class}"
     if not (data / "dataset.json").is_file():
         start = time.perf_counter()
         cfg = SyntheticConfig(train_per_class=args.per_class, valid_per_class=args.eval_per_class,
