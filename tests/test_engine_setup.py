@@ -109,3 +109,37 @@ def test_skipped_steps_move_nothing(
     for key, value in run.ema.module.state_dict().items():  # type: ignore[union-attr]
         assert torch.equal(value, ema_before[key]), key
     assert not (run.run_dir / "checkpoints").exists()  # no step-0000000 per skipped step
+
+
+def test_a_setup_failing_late_closes_the_hook_worker_and_unlocks(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import classifier_training.engine.setup as setup_module
+    from classifier_training.hooks import BackgroundWork
+
+    workers: list[BackgroundWork] = []
+
+    class Recorded(BackgroundWork):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.closed = False
+            workers.append(self)
+
+        def close(self, cancel: bool = False) -> None:
+            self.closed = True
+            super().close(cancel)
+
+    def tracker_down(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("tracker down")
+
+    monkeypatch.setattr(setup_module, "BackgroundWork", Recorded)
+    monkeypatch.setattr(setup_module, "init_wandb", tracker_down)
+    recipe = recipe_for(data, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="tracker down"):
+        setup(recipe)
+    assert len(workers) == 1 and workers[0].closed  # the forked worker does not outlive setup
+    monkeypatch.undo()
+    AcceleratorState._reset_state(True)
+    overwrite = recipe_for(data, tmp_path / "run", "--train.overwrite", "true")
+    run, _ = setup(overwrite)  # the lock was released: the folder can be taken again
+    run.guard.close()

@@ -22,6 +22,7 @@ be shared by all processes) and entered by ``train`` around the epochs. In order
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class RunGuard:
         self.choice: ResumeChoice | None = None
         self.admitted = False  # from then on the run writes into the folder
         self.checkpoints: CheckpointManager | None = None
+        self._closers: list[Callable[[], None]] = []
 
         try:
             share_from_main(accelerator, self.lock.acquire)
@@ -133,13 +135,22 @@ class RunGuard:
                 self.checkpoints.settle(self.accelerator)
             raise PreemptedError(self.signals.requested or "a stop signal", checkpoint)
 
+    def close_with_run(self, closer: Callable[[], None]) -> None:
+        """Call ``closer`` in :meth:`close` (first, before the checkpoint writer and the lock):
+        for parts that must not outlive a failed setup, such as the background hook worker."""
+        self._closers.append(closer)
+
     def close(self) -> None:
         """Restore the signal handlers and unlock; a run that was never admitted (it wrote
         nothing) also removes the lock file and folder it created."""
         self.signals.restore()
-        if self.checkpoints is not None:  # a background checkpoint write ends under the lock
-            self.checkpoints.close()
-        self.lock.release(discard=not self.admitted)
+        try:
+            for closer in reversed(self._closers):
+                closer()
+            if self.checkpoints is not None:  # a background checkpoint write ends under the lock
+                self.checkpoints.close()
+        finally:
+            self.lock.release(discard=not self.admitted)
 
     def __enter__(self) -> RunGuard:
         self.signals.install()

@@ -123,6 +123,7 @@ def _setup(
     background = BackgroundWork(
         recipe.hooks.background if accelerator.is_main_process else "inline"
     )
+    guard.close_with_run(lambda: background.close(cancel=True))  # also when setup fails later
     augment = BatchAugment(aug_params, recipe.data.image_size, IMAGENET_MEAN, IMAGENET_STD)
     generator = torch.Generator(device=accelerator.device)
     checkpoints = CheckpointManager(
