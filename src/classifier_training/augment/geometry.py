@@ -27,6 +27,8 @@ from classifier_training.augment.ops import (
     uniform,
 )
 
+HW = tuple[int, int]
+"""(height, width) in pixels."""
 _FAR_OUTSIDE = 4.0
 """A normalised grid coordinate beyond any image, so ``grid_sample`` returns the zero fill."""
 
@@ -166,13 +168,7 @@ class GeometricOp(Protocol):
 
     fills: ClassVar[bool]
 
-    def matrix(
-        self,
-        batch: int,
-        in_hw: tuple[int, int],
-        out_hw: tuple[int, int],
-        generator: torch.Generator,
-    ) -> Tensor: ...
+    def matrix(self, batch: int, in_hw: HW, out_hw: HW, generator: torch.Generator) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -222,13 +218,7 @@ class RandomResizedCrop:
         box = torch.stack([left, top, w, h], 1)
         return torch.where(on.unsqueeze(1), box, full)
 
-    def matrix(
-        self,
-        batch: int,
-        in_hw: tuple[int, int],
-        out_hw: tuple[int, int],
-        generator: torch.Generator,
-    ) -> Tensor:
+    def matrix(self, batch: int, in_hw: HW, out_hw: HW, generator: torch.Generator) -> Tensor:
         return crop_matrix(self.boxes(batch, in_hw, generator), in_hw, out_hw)
 
 
@@ -239,13 +229,7 @@ class RandomHorizontalFlip:
     p: float = 0.5
     fills: ClassVar[bool] = False
 
-    def matrix(
-        self,
-        batch: int,
-        in_hw: tuple[int, int],
-        out_hw: tuple[int, int],
-        generator: torch.Generator,
-    ) -> Tensor:
+    def matrix(self, batch: int, in_hw: HW, out_hw: HW, generator: torch.Generator) -> Tensor:
         return hflip_matrix(apply_mask(self.p, batch, generator))
 
 
@@ -265,13 +249,7 @@ class RandomAffine:
     p: float = 1.0
     fills: ClassVar[bool] = True
 
-    def matrix(
-        self,
-        batch: int,
-        in_hw: tuple[int, int],
-        out_hw: tuple[int, int],
-        generator: torch.Generator,
-    ) -> Tensor:
+    def matrix(self, batch: int, in_hw: HW, out_hw: HW, generator: torch.Generator) -> Tensor:
         height, width = in_hw
         f64 = torch.float64
         angle = uniform(-self.degrees, self.degrees, batch, generator, f64)
@@ -305,13 +283,7 @@ class RandomPerspective:
     p: float = 0.5
     fills: ClassVar[bool] = True
 
-    def matrix(
-        self,
-        batch: int,
-        in_hw: tuple[int, int],
-        out_hw: tuple[int, int],
-        generator: torch.Generator,
-    ) -> Tensor:
+    def matrix(self, batch: int, in_hw: HW, out_hw: HW, generator: torch.Generator) -> Tensor:
         height, width = in_hw
         device = generator.device
         bound_h = int(self.distortion_scale * (height // 2)) + 1
