@@ -61,33 +61,30 @@ def train(recipe: Recipe, *, callbacks: Sequence[LoopCallback] = ()) -> TrainRes
     ``callbacks`` observe the step loop on every process (see ``LoopCallback``).
     """
     run, state = setup(recipe)
-    with run.guard:  # holds the run folder's lock; SIGTERM/SIGINT -> checkpoint, PreemptedError
-        try:
-            run_hooks(run.hooks, "on_fit_start", run.ctx)
-            stopped_early = False
-            for epoch in range(state.epoch, recipe.train.epochs):
-                run.timer.start_epoch()
-                with run.timer.phase("train"):
-                    train_metrics = train_one_epoch(run, state, epoch, callbacks)
-                with run.timer.phase("eval"):
-                    val = validate(run, train_metrics)
-                stopped_early = end_epoch(run, state, epoch, val)
-                if stopped_early:
-                    break
-            run.checkpoints.settle(run.accelerator)  # the last checkpoint is durable from here
-            final_metrics = test_best(run, state)
-            ctx = run.ctx
-            ctx.metrics = final_metrics
-            ctx.best_checkpoint = run.checkpoints.best_path
-            ctx.last_checkpoint = run.checkpoints.last_path
-            ctx.extra["stopped_early"] = stopped_early
-            run_hooks(run.hooks, "on_fit_end", ctx)
-            background = run.ctx.background.busy_seconds, run.checkpoints.background_seconds
-            run.accelerator.print(timing_summary(run.metrics_log.read(), *background))
-        finally:
-            run.ctx.background.close(cancel=True)  # after a failure: drop what has not started
-            if run.accelerator.is_local_main_process:
-                run.caches.release()
+    # The guard holds the run folder's lock (SIGTERM/SIGINT -> checkpoint, PreemptedError); on
+    # leaving it closes what setup opened: checkpoint writer, hook worker, RAM image cache.
+    with run.guard:
+        run_hooks(run.hooks, "on_fit_start", run.ctx)
+        stopped_early = False
+        for epoch in range(state.epoch, recipe.train.epochs):
+            run.timer.start_epoch()
+            with run.timer.phase("train"):
+                train_metrics = train_one_epoch(run, state, epoch, callbacks)
+            with run.timer.phase("eval"):
+                val = validate(run, train_metrics)
+            stopped_early = end_epoch(run, state, epoch, val)
+            if stopped_early:
+                break
+        run.checkpoints.settle(run.accelerator)  # the last checkpoint is durable from here
+        final_metrics = test_best(run, state)
+        ctx = run.ctx
+        ctx.metrics = final_metrics
+        ctx.best_checkpoint = run.checkpoints.best_path
+        ctx.last_checkpoint = run.checkpoints.last_path
+        ctx.extra["stopped_early"] = stopped_early
+        run_hooks(run.hooks, "on_fit_end", ctx)
+        overlapped = ctx.background.busy_seconds, run.checkpoints.background_seconds
+        run.accelerator.print(timing_summary(run.metrics_log.read(), *overlapped))
         run.accelerator.end_training()
     return TrainResult(run.run_dir, state, run.checkpoints.best_path, final_metrics)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def test_skipped_steps_move_nothing(
     assert not (run.run_dir / "checkpoints").exists()  # no step-0000000 per skipped step
 
 
-def test_a_setup_failing_late_closes_the_hook_worker_and_unlocks(
+def test_a_setup_failing_late_closes_the_worker_and_the_ram_cache_and_unlocks(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import classifier_training.engine.setup as setup_module
@@ -132,12 +133,22 @@ def test_a_setup_failing_late_closes_the_hook_worker_and_unlocks(
     def tracker_down(*args: object, **kwargs: object) -> str:
         raise RuntimeError("tracker down")
 
+    opened = []
+
+    def open_caches(*args: Any, **kwargs: Any) -> Any:
+        opened.append(real_open_caches(*args, **kwargs))
+        return opened[-1]
+
+    real_open_caches = setup_module.open_caches
+    monkeypatch.setattr(setup_module, "open_caches", open_caches)
     monkeypatch.setattr(setup_module, "BackgroundWork", Recorded)
     monkeypatch.setattr(setup_module, "init_wandb", tracker_down)
-    recipe = recipe_for(data, tmp_path / "run")
+    recipe = recipe_for(data, tmp_path / "run", "--data.cache", "ram")
     with pytest.raises(RuntimeError, match="tracker down"):
         setup(recipe)
     assert len(workers) == 1 and workers[0].closed  # the forked worker does not outlive setup
+    ram_files = [cache.path for cache in opened[0].caches.values()]
+    assert ram_files and not any(path.exists() for path in ram_files)  # nor the RAM cache
     monkeypatch.undo()
     AcceleratorState._reset_state(True)
     overwrite = recipe_for(data, tmp_path / "run", "--train.overwrite", "true")

@@ -16,7 +16,9 @@ be shared by all processes) and entered by ``train`` around the epochs. In order
    ``after_batch`` writes the step checkpoints (every N updates, every M minutes, or on a stop
    signal, all agreed across processes) and raises :class:`PreemptedError` after a stop
    checkpoint; ``after_epoch`` raises it right after an epoch checkpoint;
-4. ``close()`` (on leaving ``with``, or when setup fails) releases the lock and the handlers.
+4. ``close()`` (on leaving ``with``, or when setup fails) closes what the run registered with
+   ``close_with_run`` (checkpoint writer, hook worker, RAM image cache), then releases the lock
+   and the handlers.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class RunGuard:
         """Every checkpoint of this run carries the compat record."""
         checkpoints.extra_files[COMPAT_FILE] = self.record_json
         self.checkpoints = checkpoints
+        self.close_with_run(checkpoints.close)  # a background write ends under the lock
 
     def resumed_position(self, state: TrainerState) -> TrainerState:
         """The loaded state, moved to the next epoch boundary when the process count changed."""
@@ -136,19 +139,18 @@ class RunGuard:
             raise PreemptedError(self.signals.requested or "a stop signal", checkpoint)
 
     def close_with_run(self, closer: Callable[[], None]) -> None:
-        """Call ``closer`` in :meth:`close` (first, before the checkpoint writer and the lock):
-        for parts that must not outlive a failed setup, such as the background hook worker."""
+        """Call ``closer`` in :meth:`close`, newest first, before the lock is released: the parts
+        of a run that must not outlive it, also when setup fails half-way (the checkpoint
+        writer, the background hook worker, the RAM image cache)."""
         self._closers.append(closer)
 
     def close(self) -> None:
-        """Restore the signal handlers and unlock; a run that was never admitted (it wrote
-        nothing) also removes the lock file and folder it created."""
+        """Restore the signal handlers, run the closers and unlock; a run that was never admitted
+        (it wrote nothing) also removes the lock file and folder it created."""
         self.signals.restore()
         try:
             for closer in reversed(self._closers):
                 closer()
-            if self.checkpoints is not None:  # a background checkpoint write ends under the lock
-                self.checkpoints.close()
         finally:
             self.lock.release(discard=not self.admitted)
 

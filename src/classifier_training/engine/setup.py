@@ -77,7 +77,6 @@ class Run:
     ctx: FitContext
     guard: RunGuard  # the run folder's lock, stop signals, step-checkpoint cadence
     timer: PhaseTimer  # per-phase seconds of the current epoch (``time/*`` metrics)
-    caches: SplitCaches  # the decoded-image caches (``data.cache``)
 
     def ema_module(self) -> torch.nn.Module | None:
         """The EMA weights' module (what checkpoints store as ``ema``), or None."""
@@ -115,6 +114,8 @@ def _setup(
     class_names = _labels(recipe, accelerator, run_dir, index)
     data = recipe.data
     caches, aug_params, loaders = _build_data(recipe, accelerator, index)
+    if accelerator.is_local_main_process:  # the RAM cache's files go with the run
+        guard.close_with_run(caches.release)
     parts = _build_trainables(recipe, accelerator, loaders, index, class_names)
     compiled = ", torch.compile on" if recipe.train.compile else ""
     accelerator.print(describe_runtime(accelerator, runtime, workers=data.num_workers,
@@ -123,7 +124,7 @@ def _setup(
     background = BackgroundWork(
         recipe.hooks.background if accelerator.is_main_process else "inline"
     )
-    guard.close_with_run(lambda: background.close(cancel=True))  # also when setup fails later
+    guard.close_with_run(lambda: background.close(cancel=True))  # jobs not started are dropped
     augment = BatchAugment(aug_params, recipe.data.image_size, IMAGENET_MEAN, IMAGENET_STD)
     generator = torch.Generator(device=accelerator.device)
     checkpoints = CheckpointManager(
@@ -178,7 +179,6 @@ def _setup(
         ctx=ctx,
         guard=guard,
         timer=PhaseTimer(accelerator.device),
-        caches=caches,
         **parts._asdict(),
     )
     return run, state
