@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from classifier_training.checkpoint import CheckpointError, TrainerState
+from classifier_training.checkpoint import CheckpointError, TrainerState, TrainingDivergedError
 from classifier_training.data.synthetic import SyntheticDatasetError
 from classifier_training.deploy.onnx_export import ExportError
 from classifier_training.engine.epoch_end import end_epoch
@@ -93,6 +93,7 @@ def train(recipe: Recipe, *, callbacks: Sequence[LoopCallback] = ()) -> TrainRes
 USER_ERRORS = (
     ValueError,  # RecipeError, DataError, augmentation parameters, labels mapping
     CheckpointError,
+    TrainingDivergedError,  # a clear cause and what to change; a traceback adds nothing
     PretrainedWeightsError,
     SyntheticDatasetError,
     ExportError,

@@ -318,3 +318,13 @@ def test_progress_lines_every_n_updates() -> None:
     assert lines[0].startswith("epoch 1/3 batch 2/5 update 2 loss 1.0000 lr 1.000e-03")
     assert "batch 5/5" in lines[-1] and "eta" in lines[-1]
     assert progress.end_epoch() > 0
+
+
+def test_non_finite_weights_stop_the_run_before_a_checkpoint(accelerator: Accelerator) -> None:
+    from classifier_training.checkpoint import TrainingDivergedError, check_finite_weights
+
+    net, ema = torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)
+    check_finite_weights(accelerator, {"raw": net, "EMA": ema, "none": None}, "in epoch 1")
+    net.running_var[1] = float("nan")  # a buffer counts too
+    with pytest.raises(TrainingDivergedError, match=r"diverged in epoch 2: the raw weights hold"):
+        check_finite_weights(accelerator, {"raw": net, "EMA": ema}, "in epoch 2")

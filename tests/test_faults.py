@@ -539,3 +539,21 @@ def test_export_refuses_the_run_folder_and_a_folder_that_is_not_a_bundle(
     )
     assert snapshot(run_dir) == before
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
+def test_a_diverged_run_stops_before_checkpointing_nan_weights(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_run(reference, tmp_path / "run")
+    before = snapshot(run_dir)
+    args = ["--train.resume", "auto", "--train.epochs", "3", "--optim.lr", "1e30"]
+    done = run_cli(
+        launch_cmd("python") + train_args(data, run_dir, *args, "--train.resume_force", "true")
+    )
+    assert done.returncode == 2, done.stdout + done.stderr  # one clear line, as bad input
+    assert first("error:", done.stderr).startswith(
+        "error: training diverged in epoch 3: the raw and EMA weights hold NaN or inf, so that "
+        "checkpoint was not written and the earlier ones are kept."
+    )
+    assert_kept(before, run_dir, grown=("recipe.yaml",))  # the good epochs stay the checkpoints
+    assert json.loads((run_dir / "checkpoints" / "ledger.json").read_text())["last"] == "epoch-002"

@@ -171,6 +171,40 @@ def manifest(folder: Path) -> dict[str, FileRecord]:
 # Saving
 
 
+class TrainingDivergedError(RuntimeError):
+    """The weights hold NaN or inf: no later update recovers them, and no checkpoint keeps them."""
+
+
+def check_finite_weights(
+    accelerator: Any, modules: dict[str, torch.nn.Module | None], where: str
+) -> None:
+    """Raise TrainingDivergedError on every process when a floating-point tensor of the
+    ``modules`` (parameters and buffers) is not finite; called before each checkpoint.
+
+    Under fp16 the GradScaler skips updates whose gradients overflow, so finite weights stay
+    finite; a NaN here means training diverged (learning rate too high, no warmup or clipping).
+    The main process decides (DDP keeps the weights equal), in one device sync per module.
+    """
+
+    def check() -> None:
+        bad = []
+        for name, module in modules.items():
+            if module is None:
+                continue
+            tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+            if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+                bad.append(name)
+        if bad:
+            raise TrainingDivergedError(
+                f"training diverged {where}: the {' and '.join(bad)} weights hold NaN or inf, so "
+                "that checkpoint was not written and the earlier ones are kept. Lower optim.lr, "
+                "lengthen schedule.warmup_epochs or set optim.clip_grad_norm, then start over "
+                "with --train.overwrite true"
+            )
+
+    share_from_main(accelerator, check)
+
+
 @contextlib.contextmanager
 def _no_zip_crc32() -> Iterator[None]:
     """``torch.save`` without its per-record CRC-32 (halves ``save_state``'s blocking time at

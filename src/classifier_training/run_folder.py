@@ -32,6 +32,7 @@ from classifier_training.agreement import share_from_main
 from classifier_training.checkpoint import (
     CheckpointManager,
     TrainerState,
+    check_finite_weights,
     remove_orphans,
 )
 from classifier_training.compat import COMPAT_FILE, ResumeCheck, check_resume, run_record
@@ -121,6 +122,8 @@ class RunGuard:
         path = None
         if periodic or due or stop:
             name = f"step-{state.updates:07d}"
+            weights = {"raw": run.model, "EMA": run.ema_module()}
+            check_finite_weights(self.accelerator, weights, f"by update {state.updates}")
             path = run.checkpoints.save(
                 self.accelerator, name, state, run.ema_module(), None, durable=stop
             )

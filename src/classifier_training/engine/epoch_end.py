@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from classifier_training.checkpoint import TrainerState
+from classifier_training.checkpoint import TrainerState, check_finite_weights
 from classifier_training.engine.selection import Best, Validation, track_best
 from classifier_training.engine.setup import Run
 from classifier_training.hooks import run_hooks
@@ -28,6 +28,8 @@ def end_epoch(run: Run, state: TrainerState, epoch: int, val: Validation) -> boo
     state.epoch, state.batches_done = epoch + 1, 0
     state.metrics = val.metrics
     with run.timer.phase("checkpoint"):
+        weights = {"raw": run.model, "EMA": run.ema_module()}
+        check_finite_weights(accelerator, weights, f"in epoch {epoch + 1}")
         run.checkpoints.save(
             accelerator, f"epoch-{epoch + 1:03d}", state, run.ema_module(), val.value
         )
