@@ -33,6 +33,7 @@ from accelerate.state import AcceleratorState
 import train as train_script
 from classifier_training.recipe import parse_recipe
 
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 KEYS = ("time/hooks_s", "time/checkpoint_s", "time/blocking_s", "time/train_s", "time/eval_s")
 
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace, data: Path, out: Path, background: bool) -> di
     AcceleratorState._reset_state(True)
     recipe = parse_recipe(
         [
-            "--recipe", "recipes/quickstart.yaml", "--data.root", str(data),
+            "--recipe", str(RECIPE), "--data.root", str(data),
             "--data.image_size", str(args.size), "--train.epochs", str(args.epochs),
             "--train.max_batches_per_epoch", str(args.batches), "--train.output_dir", str(out),
             "--train.eval_test", "false", "--logging.progress", "off",
