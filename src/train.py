@@ -83,8 +83,12 @@ def train(recipe: Recipe, *, callbacks: Sequence[LoopCallback] = ()) -> TrainRes
         ctx.last_checkpoint = run.checkpoints.last_path
         ctx.extra["stopped_early"] = stopped_early
         run_hooks(run.hooks, "on_fit_end", ctx)
-        overlapped = ctx.background.busy_seconds, run.checkpoints.background_seconds
-        run.accelerator.print(timing_summary(run.metrics_log.read(), *overlapped))
+        background, writes = ctx.background, run.checkpoints.background_seconds
+        run.accelerator.print(
+            timing_summary(
+                run.metrics_log.read(), background.busy_seconds, writes, background.seconds_by_job
+            )
+        )
         run.accelerator.end_training()
     return TrainResult(run.run_dir, state, run.checkpoints.best_path, final_metrics)
 

@@ -147,6 +147,8 @@ def test_process_worker_is_another_process_started_up_front(tmp_path: Path) -> N
     work.close()
     assert pids and pids[0] != os.getpid()
     assert work.jobs_done == 2 - 1 and work.busy_seconds >= 0.0  # the start-up job is not counted
+    # the summary names the job by module and function
+    assert work.seconds_by_job == {"test_hooks_background.worker_pid": work.busy_seconds}
 
 
 @pytest.mark.parametrize("mode", ["process", "thread", "inline"])

@@ -85,4 +85,10 @@ def test_console_line_and_summary() -> None:
     other = next(x for x in lines if x.strip().startswith("other"))
     assert "0.6 s" in other  # 20 - (16 + 2 + 1.2 + 0.2)
     assert lines[-1] == "  hook work in the background: 7.5 s (overlapped)"
+    parts = {"a.draw": 0.5, "b.draw": 4.0, "c.draw": 2.0, "d.draw": 0.6, "e.draw": 0.4}
+    named = timing_summary([epoch], 7.5, background_by_job=parts).splitlines()[-1]
+    assert named == (  # the largest four, largest first
+        "  hook work in the background: 7.5 s (overlapped): "
+        "b.draw 4.0, c.draw 2.0, d.draw 0.6, a.draw 0.5"
+    )
     assert timing_summary([]) == "timing: no epoch finished"

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -158,12 +158,14 @@ def timing_summary(
     rows: list[dict[str, float]],
     background_seconds: float = 0.0,
     checkpoint_background_seconds: float = 0.0,
+    background_by_job: Mapping[str, float] | None = None,
 ) -> str:
     """The end-of-run table: each phase's total seconds, share of the run and mean per epoch.
 
     ``rows`` are the epochs' metrics (their ``time/*`` keys); ``background_seconds`` is the hook
     work and ``checkpoint_background_seconds`` the durable checkpoint writing (fsync, hashes,
-    rename, ledger) done beside training (neither is part of the wall time).
+    rename, ledger) done beside training (neither is part of the wall time);
+    ``background_by_job`` splits the hook work by job (its largest parts are named).
     """
     rows = [r for r in rows if key("epoch") in r]
     if not rows:
@@ -187,7 +189,12 @@ def timing_summary(
     line("hooks (blocking)", total["hooks"])
     line("other", max(0.0, wall - named))
     if background_seconds > 0:
-        lines.append(f"  hook work in the background: {background_seconds:.1f} s (overlapped)")
+        parts = sorted((background_by_job or {}).items(), key=lambda kv: -kv[1])[:4]
+        named_parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts)
+        lines.append(
+            f"  hook work in the background: {background_seconds:.1f} s (overlapped)"
+            + (f": {named_parts}" if named_parts else "")
+        )
     if checkpoint_background_seconds > 0:
         lines.append(
             f"  checkpoint writes in the background: {checkpoint_background_seconds:.1f} s "

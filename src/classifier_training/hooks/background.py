@@ -153,7 +153,7 @@ class BackgroundWork:
     """One background worker for hook jobs (see the module docstring).
 
     ``busy_seconds`` sums the worker time of finished jobs (the work taken off the critical
-    path); ``jobs_done`` counts them.
+    path), ``seconds_by_job`` splits it by job function; ``jobs_done`` counts them.
     """
 
     def __init__(self, mode: BackgroundMode = "process", max_pending: int = 16) -> None:
@@ -164,6 +164,7 @@ class BackgroundWork:
         self.mode: BackgroundMode = mode
         self.max_pending = max_pending
         self.busy_seconds = 0.0
+        self.seconds_by_job: dict[str, float] = {}
         self.jobs_done = 0
         self._jobs: deque[_Job] = deque()
         self._executor: Executor
@@ -242,6 +243,9 @@ class BackgroundWork:
                 + (f"\nworker traceback:\n{remote}" if remote else "")
             ) from err
         self.busy_seconds += seconds
+        short = job.name.rsplit(".", 2)
+        label = ".".join(short[-2:])  # module.function: which hook paid for it
+        self.seconds_by_job[label] = self.seconds_by_job.get(label, 0.0) + seconds
         self.jobs_done += 1
         if job.then is not None:
             job.then(result)
