@@ -236,6 +236,38 @@ def test_model_info_counts_flops_exactly_for_a_linear_model(tmp_path: Path) -> N
     assert any("GFLOPs" in line for line in ctx.accelerator.printed)
 
 
+SEEN_DTYPES: list[torch.dtype] = []
+
+
+class DtypeProbe(torch.nn.Module):
+    """Records the dtype its layer computes in (a module-level list: model_info runs a copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.lin(x.flatten(1))
+        SEEN_DTYPES.append(y.dtype)
+        return y
+
+
+def test_model_info_times_the_fp32_model_not_the_mixed_precision_wrapper() -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare(DtypeProbe())
+        SEEN_DTYPES.clear()
+        model_info(model, 4, runs=1)
+        assert SEEN_DTYPES and set(SEEN_DTYPES) == {torch.float32}  # as deployed
+        model(torch.zeros(1, 3, 4, 4))
+        assert SEEN_DTYPES[-1] == torch.bfloat16  # the training model keeps its autocast
+    finally:
+        AcceleratorState._reset_state(True)
+
+
 # ---------------------------------------------------------------------------------------------
 # History
 

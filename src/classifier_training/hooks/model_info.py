@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from classifier_training.hooks.base import FitContext, Hook
@@ -38,7 +39,11 @@ def model_info(model: torch.nn.Module, image_size: int, runs: int = LATENCY_RUNS
     size_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )
-    net = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    # a copy without Accelerate's autocast forward (mixed precision wraps model.forward): the
+    # deployed model runs plain fp32, and stripping the wrapper from ``model`` would change
+    # training
+    net = extract_model_from_parallel(copy.deepcopy(model), keep_fp32_wrapper=False)
+    net = net.float().cpu().eval().to(memory_format=torch.contiguous_format)
     x = torch.zeros(1, 3, image_size, image_size)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
