@@ -41,7 +41,7 @@ from classifier_training.hooks import run_hooks
 from classifier_training.model import PretrainedWeightsError
 from classifier_training.preemption import EXIT_PREEMPTED, PreemptedError, watch_launcher
 from classifier_training.recipe import Recipe, parse_recipe
-from classifier_training.runtime import GpuUnavailableError
+from classifier_training.runtime import GpuUnavailableError, skip_final_collection
 from classifier_training.timing import timing_summary
 
 log = logging.getLogger("train")
@@ -115,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chatty in ("accelerate", "timm", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     watch_launcher()  # a launcher that dies alone must not leave this trainer running
+    skip_final_collection()
     try:
         recipe = parse_recipe(argv)
         train(recipe)

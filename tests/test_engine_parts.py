@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +330,17 @@ def test_non_finite_weights_stop_the_run_before_a_checkpoint(accelerator: Accele
     net.running_var[1] = float("nan")  # a buffer counts too
     with pytest.raises(TrainingDivergedError, match=r"diverged in epoch 2: the raw weights hold"):
         check_finite_weights(accelerator, {"raw": net, "EMA": ema}, "in epoch 2")
+
+
+def test_skip_final_collection_freezes_the_heap_after_earlier_exit_handlers() -> None:
+    # atexit runs last-registered first: a handler registered before it sees the frozen heap
+    code = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "from classifier_training.runtime import skip_final_collection\n"
+        "skip_final_collection()\n"
+        "print('before exit', gc.get_freeze_count())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["before exit 0", "frozen True"]

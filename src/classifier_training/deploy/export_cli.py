@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from classifier_training.deploy.assess import summary_lines
     from classifier_training.deploy.onnx_export import ExportError, export_run
     from classifier_training.model import PretrainedWeightsError
+    from classifier_training.runtime import skip_final_collection
+
+    skip_final_collection()
 
     try:
         out = export_run(args.run, args.export, out=args.out, data_root=args.data)
