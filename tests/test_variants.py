@@ -197,3 +197,26 @@ def test_assess_rejects_a_variant_beyond_the_tolerance(
     )
     assert not (bundle / "model.int8.onnx").exists()
     assert (bundle / "model.onnx").is_file()
+
+
+def test_split_reader_reads_each_folder_once_and_reuses_the_runs_own_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from classifier_training.deploy import assess as A
+
+    data = write_jsonl_dataset(tmp_path / "data", ("0", "1"), {"train": 2, "valid": 2, "test": 2})
+    class_to_idx = {"0": 0, "1": 1}
+    real = A.index_split
+    read_from_disk: list[str] = []
+
+    def counting(root: Path, split: str, *args: Any) -> Any:
+        read_from_disk.append(split)
+        return real(root, split, *args)
+
+    monkeypatch.setattr(A, "index_split", counting)
+    known = real(data, "test", class_to_idx)  # e.g. the training run's index, at fit end
+    read = A.split_reader(class_to_idx, "auto", [known])
+    valid = read(data, "valid")
+    assert read(data, "valid") is valid and [s.target for s in valid.samples] == [0, 0, 1, 1]
+    assert read(data, "test") is known
+    assert read_from_disk == ["valid"]

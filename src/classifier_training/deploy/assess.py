@@ -21,15 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from classifier_training.data.index import DataError, Sample, index_split
+from classifier_training.data.index import DataError, Sample, SplitIndex, index_split
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
 from classifier_training.deploy import variants as V
 from classifier_training.deploy.calibration import Calibration, calibrate, plot_reliability
@@ -69,13 +69,34 @@ def _batches(
         yield to_nchw_float(np.stack(images), norm["mean"], norm["std"])
 
 
-def _split(
-    root: Path, name: str, class_to_idx: dict[str, int], recipe: Recipe
-) -> list[Sample] | None:
+DataFormat = Literal["auto", "jsonl", "imagefolder"]
+SplitReader = Callable[[Path, str], SplitIndex]
+"""Indexes split folder ``name`` under a dataset root against the model's class map (raises
+DataError); see :func:`split_reader`."""
+
+
+def split_reader(
+    class_to_idx: Mapping[str, int], format: DataFormat, known: Iterable[SplitIndex] = ()
+) -> SplitReader:
+    """A :data:`SplitReader` that reads each folder once (verification and assessment both use
+    the validation split). ``known`` splits, e.g. the training run's own index (checked before
+    epoch 1, same class map), are used as they are instead of being read again."""
+    memo = {s.root.resolve(): s for s in known}
+
+    def read(root: Path, name: str) -> SplitIndex:
+        key = (root / name).resolve()
+        if key not in memo:
+            memo[key] = index_split(root, name, class_to_idx, format)
+        return memo[key]
+
+    return read
+
+
+def _split(root: Path, name: str, read: SplitReader) -> list[Sample] | None:
     if not name or not (root / name).is_dir():
         return None
     try:
-        return index_split(root, name, class_to_idx, recipe.data.format).samples
+        return read(root, name).samples
     except DataError as err:
         log.warning("%s: not used to assess the bundle: %s", root / name, err)
         return None
@@ -94,16 +115,21 @@ def assess(
     root: Path,
     mapping: Mapping[str, Any],
     metadata: Mapping[str, str],
+    read: SplitReader | None = None,
 ) -> Assessment:
-    """Write the variants into ``bundle`` (which holds ``model.onnx``) and measure everything."""
+    """Write the variants into ``bundle`` (which holds ``model.onnx``) and measure everything.
+
+    ``read`` indexes the splits under ``root`` (default: :func:`split_reader` of the mapping's
+    class map and the recipe's data format)."""
     precisions = V.parse_precisions(cfg.precision)
     class_to_idx = {str(k): int(v) for k, v in mapping["class_to_idx"].items()}
     idx_to_class = {v: k for k, v in class_to_idx.items()}
+    read = read or split_reader(class_to_idx, recipe.data.format)
     norm, size = mapping["normalization"], recipe.data.image_size
     found = {
         name: samples
         for name, split_dir in (("valid", recipe.data.val_split), ("test", recipe.data.test_split))
-        if (samples := _split(root, split_dir, class_to_idx, recipe))
+        if (samples := _split(root, split_dir, read))
     }
     if not found:
         raise AssessmentError(
@@ -116,7 +142,7 @@ def assess(
         paths["fp16"] = bundle / V.VARIANT_FILES["fp16"]
         V.convert_fp16(paths["fp32"], paths["fp16"])
     if "int8" in precisions:
-        train = _split(root, recipe.data.train_split, class_to_idx, recipe) or []
+        train = _split(root, recipe.data.train_split, read) or []
         picks = V.stratified([s.target for s in train], cfg.int8_calibration_images)
         paths["int8"] = bundle / V.VARIANT_FILES["int8"]
         n = V.quantize_int8(

@@ -55,16 +55,18 @@ from classifier_training.checkpoint import (
     resolve_checkpoint,
 )
 from classifier_training.compat import code_version
-from classifier_training.data.index import DataError, Sample, index_split
+from classifier_training.data.index import DataError, Sample, SplitIndex
 from classifier_training.data.labels import read_labels_mapping, write_labels_mapping
 from classifier_training.data.preprocess import eval_image, open_rgb, to_nchw_float
 from classifier_training.deploy import variants as V
 from classifier_training.deploy.assess import (
     Assessment,
     AssessmentError,
+    SplitReader,
     assess,
     assessment_info,
     calibrated_mapping,
+    split_reader,
 )
 from classifier_training.deploy.model_card import model_card
 from classifier_training.io import atomic_write_json, atomic_write_text
@@ -231,7 +233,7 @@ def verify_onnx(
 
 
 def _verification_samples(
-    recipe: Recipe, class_to_idx: dict[str, int], data_root: str | Path | None, n: int
+    recipe: Recipe, read: SplitReader, data_root: str | Path | None, n: int
 ) -> tuple[list[Sample], str, Path]:
     """The first ``n`` samples of the validation split (else the test split) of the run's data."""
     root = Path(data_root or recipe.data.root)
@@ -243,7 +245,7 @@ def _verification_samples(
             tried.append(f"{root / split} (missing)")
             continue
         try:
-            found = index_split(root, split, class_to_idx, recipe.data.format)
+            found = read(root, split)
         except DataError as err:
             tried.append(f"{root / split} ({err})")
             continue
@@ -336,6 +338,7 @@ def export_run(
     *,
     out: str | Path | None = None,
     data_root: str | Path | None = None,
+    known_splits: Sequence[SplitIndex] = (),
 ) -> Path:
     """Export a run's checkpoint to a verified ONNX bundle; returns the bundle folder.
 
@@ -346,7 +349,9 @@ def export_run(
     overrides the recipe's ``data.root`` for finding the images. ``cfg`` also holds the
     variant and calibration settings (``precision``, ``max_accuracy_drop``,
     ``int8_calibration_images``, ``target_precision``); see :mod:`classifier_training.deploy.
-    assess` for what is measured on the validation and test images.
+    assess` for what is measured on the validation and test images. ``known_splits``: split
+    folders already indexed against the same class map (the training run's own, at fit end),
+    used instead of reading them again.
     Raises :class:`ExportError` / :class:`ExportVerificationError` / CheckpointError.
     """
     run_dir = Path(run_dir)
@@ -355,10 +360,12 @@ def export_run(
     _check_settings(cfg)
     recipe, mapping = _read_run(run_dir)
     parts = _load_model(run_dir, recipe, mapping, cfg)
-    verify = _verification_set(parts, data_root, cfg.verify_images)
+    class_to_idx = {str(k): int(v) for k, v in mapping["class_to_idx"].items()}
+    read = split_reader(class_to_idx, recipe.data.format, known_splits)
+    verify = _verification_set(parts, read, data_root, cfg.verify_images)
     tmp = staging_dir(out_dir)
     try:
-        _write_bundle(tmp, parts, cfg, verify)
+        _write_bundle(tmp, parts, cfg, verify, read)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -428,22 +435,25 @@ def _load_model(
     return _RunParts(run_dir, recipe, mapping, ckpt, chosen, selected, _cpu_eval_copy(model), state)
 
 
-def _verification_set(parts: _RunParts, data_root: str | Path | None, n: int) -> _VerifySet:
+def _verification_set(
+    parts: _RunParts, read: SplitReader, data_root: str | Path | None, n: int
+) -> _VerifySet:
     """The first ``n`` validation (else test) images, preprocessed as the consumer does."""
-    class_to_idx = {str(k): int(v) for k, v in parts.mapping["class_to_idx"].items()}
-    samples, split, root = _verification_samples(parts.recipe, class_to_idx, data_root, n)
+    samples, split, root = _verification_samples(parts.recipe, read, data_root, n)
     norm = parts.mapping["normalization"]
     images = _load_images(samples, parts.recipe.data.image_size)
     return _VerifySet(to_nchw_float(images, norm["mean"], norm["std"]), split, root)
 
 
-def _write_bundle(tmp: Path, parts: _RunParts, cfg: ExportConfig, verify: _VerifySet) -> None:
+def _write_bundle(
+    tmp: Path, parts: _RunParts, cfg: ExportConfig, verify: _VerifySet, read: SplitReader
+) -> None:
     """Write every file of the bundle into the staging folder ``tmp``, verifying the graph."""
     metadata = _onnx_metadata(parts)
     export_onnx(parts.model, tmp / ONNX_FILE, parts.recipe.data.image_size, cfg.opset, metadata)
     report = verify_onnx(tmp / ONNX_FILE, parts.model, verify.images, cfg.atol)
     try:
-        assessment = assess(tmp, parts.recipe, cfg, verify.root, parts.mapping, metadata)
+        assessment = assess(tmp, parts.recipe, cfg, verify.root, parts.mapping, metadata, read)
     except (AssessmentError, V.VariantError) as err:
         raise ExportError(str(err)) from err
     mapping = calibrated_mapping(parts.mapping, assessment, tmp)

@@ -24,7 +24,9 @@ class ExportHook(Hook):
         if ctx.best_checkpoint is None and ctx.last_checkpoint is None:
             ctx.accelerator.print("export skipped: the run has no checkpoint yet")
             return
-        out = export_run(ctx.run_dir, ctx.recipe.export)
+        # the run's own splits, checked before epoch 1: not indexed again
+        known = list(ctx.index.splits.values())
+        out = export_run(ctx.run_dir, ctx.recipe.export, known_splits=known)
         info = json.loads((out / EXPORT_INFO_FILE).read_text(encoding="utf-8"))
         ver = info["verification"]
         ctx.accelerator.print(
