@@ -25,7 +25,7 @@ class ExportHook(Hook):
             ctx.accelerator.print("export skipped: the run has no checkpoint yet")
             return
         # the run's own splits, checked before epoch 1: not indexed again
-        known = list(ctx.index.splits.values())
+        known = list(ctx.index.splits.values()) if ctx.index is not None else []
         out = export_run(ctx.run_dir, ctx.recipe.export, known_splits=known)
         info = json.loads((out / EXPORT_INFO_FILE).read_text(encoding="utf-8"))
         ver = info["verification"]
