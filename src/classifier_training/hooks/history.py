@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from classifier_training.hooks.base import FitContext, Hook
@@ -81,6 +82,10 @@ def new_axes() -> Axes:
     """
     w, h = FIGSIZE
     fig = Figure(figsize=FIGSIZE)
+    # Its own Agg canvas: savefig then keeps one renderer, whose text-size and mathtext caches
+    # (keyed by renderer) serve every redraw of a kept figure; a bare Figure gets a new one
+    # per save.
+    FigureCanvasAgg(fig)
     fig.subplots_adjust(left=0.9 / w, right=1 - 0.25 / w, bottom=0.6 / h, top=1 - 0.45 / h)
     return fig.add_subplot()
 
