@@ -26,6 +26,21 @@ CASES = {
         ["--arch", "test_resnet", "--size", "32", "--batch", "8", "--batches", "2"],
         "img/s",
     ),
+    "bench_figures.py": (
+        [
+            "--history-epochs",
+            "2",
+            "--updates",
+            "3",
+            "--classes",
+            "3",
+            "--mistakes",
+            "2",
+            "--reps",
+            "1",
+        ],
+        "sample grid",
+    ),
     "bench_epoch_overhead.py": (
         ["--epochs", "2", "--batches", "1", "--size", "32", "--", "--model.arch", "test_resnet"],
         "blocking per epoch now",

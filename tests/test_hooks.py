@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -321,6 +322,58 @@ def test_history_includes_the_current_epoch(
     }
     labels = {line.get_label() for line in figures["loss.png"].axes[0].get_lines()}
     assert labels == {"train/loss", "val/loss (selected weights)", "val_raw/loss", "val_ema/loss"}
+
+
+def test_history_redrawn_into_kept_axes_equals_a_fresh_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The figures are kept between epochs and emptied: same lines, colours, limits as new."""
+    saved: list[dict[str, Figure]] = [{}, {}]
+    real_save = cio.save_figure
+
+    def capture(fig: Figure, path: Path, dpi: int = 150) -> Path:
+        saved[1 if path.name in saved[0] else 0][path.name] = fig
+        return real_save(fig, path, dpi=dpi)
+
+    monkeypatch.setattr(history_module, "save_figure", capture)
+    long = [metrics_row(e) for e in range(1, 40)]
+    short = [{k: v for k, v in metrics_row(e).items() if "raw" not in k} for e in (1, 2, 3)]
+    history_module.write_history_figures(long, None, tmp_path)
+    history_module.write_history_figures(short, None, tmp_path)
+
+    def summary(ax: Any) -> list[tuple[Any, ...]]:
+        return [
+            (ln.get_label(), ln.get_color(), list(ln.get_xdata()), list(ln.get_ydata()))
+            for ln in ax.get_lines()
+        ]
+
+    for name, keys, log_y in (
+        ("loss.png", history_module.LOSS_KEYS, False),
+        ("accuracy.png", history_module.ACC_KEYS, False),
+        ("lr.png", history_module.LR_KEYS, True),
+    ):
+        assert saved[0][name] is saved[1][name]  # the same Figure, redrawn
+        redrawn = saved[1][name].axes[0]
+        fresh = history_module.plot_series(short, keys, "t", "y", log_y=log_y).axes[0]
+        assert len(saved[1][name].axes) == 1
+        assert summary(redrawn) == summary(fresh) and summary(fresh)
+        assert redrawn.get_ylim() == pytest.approx(fresh.get_ylim())
+        assert redrawn.get_yscale() == fresh.get_yscale()
+        legend, fresh_legend = redrawn.get_legend(), fresh.get_legend()
+        assert legend is not None and fresh_legend is not None
+        assert [t.get_text() for t in legend.get_texts()] == [
+            t.get_text() for t in fresh_legend.get_texts()
+        ]
+        assert_png(tmp_path / name)
+    # byte for byte: another thread keeps its own figures, so it draws them new
+    monkeypatch.setattr(history_module, "save_figure", real_save)
+    worker = threading.Thread(
+        target=history_module.write_history_figures, args=(short, None, tmp_path / "new")
+    )
+    worker.start()
+    worker.join()
+    for name in ("loss.png", "accuracy.png", "lr.png"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / "new" / name).read_bytes(), name
 
 
 def test_history_keeps_the_last_line_of_a_replayed_epoch(tmp_path: Path) -> None:

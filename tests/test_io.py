@@ -124,3 +124,12 @@ def test_save_figure_format_follows_the_suffix(tmp_path: Path) -> None:
         cio.save_figure(fig, tmp_path / "keep.xyz")
     assert (tmp_path / "keep.xyz").read_text() == "old"
     assert _leftovers(tmp_path) == []
+
+
+def test_save_figure_png_compression_can_be_chosen(tmp_path: Path) -> None:
+    fig = Figure(figsize=(3, 2))
+    fig.add_subplot().plot([0, 1, 2], [1, 0, 1])
+    fast = cio.save_figure(fig, tmp_path / "fast.png", dpi=60)
+    stored = cio.save_figure(fig, tmp_path / "stored.png", dpi=60, pil_kwargs={"compress_level": 0})
+    assert fast.read_bytes().startswith(b"\x89PNG") and stored.read_bytes().startswith(b"\x89PNG")
+    assert stored.stat().st_size > 2 * fast.stat().st_size  # the caller's pil_kwargs win

@@ -12,7 +12,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 
 from classifier_training.data.index import DataError, index_dataset
 from classifier_training.display import natural_key, natural_order
@@ -32,10 +32,22 @@ from classifier_training.hooks.history import (
     results_csv,
 )
 from classifier_training.hooks.sample_predictions import (
+    BORDER,
+    CAPTION_PX,
+    COLUMNS,
+    GAP,
+    MARGIN,
+    PITCH,
+    RIGHT,
+    TILE,
+    WRONG,
     SamplePredictionsHook,
     Tile,
+    caption,
+    panel_tops,
     plot_sample_predictions,
     select_samples,
+    tile_origin,
 )
 from classifier_training.recipe import DataConfig, HooksConfig, Recipe
 from conftest import write_jsonl_dataset
@@ -195,12 +207,47 @@ def test_sample_grid_from_the_index_images(tmp_path: Path) -> None:
     SamplePredictionsHook().on_epoch_end(ctx)
     assert (tmp_path / "run" / "epochs" / "001" / "sample_predictions.png").is_file()
 
-    tiles = [Tile(np.zeros((8, 8, 3), np.uint8), "2", "10", 0.97)]
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return cast(tuple[int, int, int], ImageColor.getrgb(colour))
+
+
+def test_sample_sheet_tiles_frames_and_captions() -> None:
+    """One image: each tile framed green (right) or red (wrong), the image upscaled nearest."""
+    checker = np.kron([[0, 255], [255, 0]], np.ones((4, 4))).astype(np.uint8)  # 8x8, 4px cells
+    tiles = [Tile(np.stack([checker] * 3, axis=-1), "2", "10", 0.97)]
     per_class = [Tile(np.zeros((8, 8, 3), np.uint8), c, c, 0.5) for c in CLASSES]
-    fig = plot_sample_predictions(tiles, per_class, "grid")
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] == "true 2\npred 10 97%" and len(titles) == 6
-    assert fig.axes[0].title.get_color() != fig.axes[1].title.get_color()
+    per_class[1] = Tile(np.full((6, 12), 200, np.uint8), "00", "1", 0.6)  # grey, not square
+    assert caption(tiles[0]) == "true 2\npred 10 97%"
+    sheet = plot_sample_predictions(tiles, per_class, "grid", total_mistakes=3)
+    assert sheet.mode == "RGB" and sheet.width == COLUMNS * PITCH + 2 * MARGIN
+    pixels = np.asarray(sheet)
+    first, second = panel_tops(len(tiles))
+    x, y = tile_origin(first, 0)
+    assert tuple(pixels[y, x]) == _rgb(WRONG)
+    inner = pixels[y + BORDER : y + BORDER + TILE, x + BORDER : x + BORDER + TILE, 0]
+    half = TILE // 2  # nearest-neighbour: two sharp cells per side, no blur
+    assert set(np.unique(inner)) == {0, 255}
+    assert inner[0, 0] == 0 and inner[0, half] == 255 and inner[half, 0] == 255
+    x2, y2 = tile_origin(second, 0)  # the per-class panel: "0" right, green
+    assert tuple(pixels[y2, x2]) == _rgb(RIGHT)
+    assert tuple(pixels[y2, x2 + PITCH]) == _rgb(WRONG)  # "00" predicted "1"
+    grey = pixels[y2 + BORDER : y2 + BORDER + TILE, x2 + PITCH + BORDER + TILE // 2]
+    assert tuple(grey[TILE // 2]) == (200, 200, 200) and tuple(grey[0]) == (255, 255, 255)
+    # captions are drawn in the tile's colour above it
+    above = pixels[y2 - 2 * CAPTION_PX : y2, x2 : x2 + TILE]
+    assert (above == _rgb(RIGHT)).all(axis=-1).any()
+    empty = plot_sample_predictions([], [], "nothing")
+    assert empty.width == sheet.width and empty.height < sheet.height
+
+
+def test_long_class_names_are_cut_to_their_column() -> None:
+    long = Tile(np.zeros((8, 8, 3), np.uint8), "a" * 60, "b" * 60, 0.5)
+    sheet = plot_sample_predictions([long], [], "grid")
+    x, y = tile_origin(panel_tops(1)[0], 0)
+    row = np.asarray(sheet)[y - 2 * CAPTION_PX : y]
+    red = np.flatnonzero((row == _rgb(WRONG)).all(axis=-1).any(axis=0))
+    assert red.min() >= x - GAP // 2 and red.max() < x - GAP // 2 + PITCH
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,10 +102,23 @@ def atomic_write_json(
     return atomic_write_text(path, json_text(data, sort_keys=sort_keys, indent=indent))
 
 
+# zlib level of the PNGs: 3 encodes ~25% faster than Pillow's default 6 for files ~15% larger
+# (a 1000x600 px plot: 15 vs 20 ms, 76 vs 66 KiB); figures are redrawn every epoch.
+PNG_COMPRESS_LEVEL = 3
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150, **savefig: Any) -> Path:
-    """Save a matplotlib figure atomically; the format comes from the suffix (``.png``...)."""
+    """Save a matplotlib figure atomically; the format comes from the suffix (``.png``...).
+
+    PNGs are compressed at :data:`PNG_COMPRESS_LEVEL` unless ``pil_kwargs`` says otherwise.
+    """
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt == "png":
+        savefig["pil_kwargs"] = {
+            "compress_level": PNG_COMPRESS_LEVEL,
+            **savefig.get("pil_kwargs", {}),
+        }
     with atomic_open(path) as handle:
         fig.savefig(handle, dpi=dpi, format=fmt, **savefig)
     return path

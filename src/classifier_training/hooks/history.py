@@ -23,11 +23,14 @@ import csv
 import io
 import json
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from classifier_training.hooks.base import FitContext, Hook
@@ -43,6 +46,8 @@ ACC_KEYS = (
     "val_ema/acc_top1",
 )
 LR_KEYS = ("train/lr",)
+FIGSIZE = (10.0, 6.0)  # inches; saved at DPI
+DPI = 100
 _STYLE = {"train": "o-", "val": "s-", "val_raw": "^--", "val_ema": "v--"}
 
 
@@ -66,16 +71,66 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def new_axes() -> Axes:
+    """A 10x6 in figure with one Axes and fixed margins (what the plots draw into).
+
+    Fixed margins instead of a layout engine: constrained layout makes ``savefig`` draw the
+    figure twice (a layout pass, then the render) and most of a draw is measuring text. The
+    margins fit the widest labels these plots get (``10^{-6}``, ``0.0025`` ticks plus the y
+    label on the left). The titles are placed at a fixed height (``y=1.0``), so drawing them
+    does not measure the tick labels again to dodge an offset text.
+    """
+    w, h = FIGSIZE
+    fig = Figure(figsize=FIGSIZE)
+    # Its own Agg canvas: savefig then keeps one renderer, whose text-size and mathtext caches
+    # (keyed by renderer) serve every redraw of a kept figure; a bare Figure gets a new one
+    # per save.
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.9 / w, right=1 - 0.25 / w, bottom=0.6 / h, top=1 - 0.45 / h)
+    return fig.add_subplot()
+
+
+def _figure_of(ax: Axes) -> Figure:
+    fig = ax.get_figure(root=True)
+    assert isinstance(fig, Figure)
+    return fig
+
+
+_kept = threading.local()  # per thread: the figures write_history_figures redraws
+
+
+def kept_axes(name: str) -> Axes:
+    """This thread's Axes for figure ``name``, emptied; a new one (:func:`new_axes`) the first time.
+
+    Redrawing into the same Axes every epoch keeps its Figure, spines and tick objects (their
+    creation is a quarter of a fresh figure's cost); what a plot adds is removed: lines, texts,
+    legend, data limits, and the colour cycle restarts, so the result equals a fresh figure's.
+    """
+    axes: dict[str, Axes] = _kept.__dict__.setdefault("axes", {})
+    ax = axes.get(name)
+    if ax is None:
+        ax = axes[name] = new_axes()
+        return ax
+    for artist in [*ax.lines, *ax.texts]:
+        artist.remove()
+    if (legend := ax.get_legend()) is not None:
+        legend.remove()
+    ax.relim()
+    ax.set_prop_cycle(None)
+    return ax
+
+
 def plot_series(
     rows: Sequence[dict[str, Any]],
     keys: Sequence[str],
     title: str,
     ylabel: str,
     log_y: bool = False,
+    ax: Axes | None = None,
 ) -> Figure:
-    """One line per key present in ``rows`` against the epoch."""
-    fig = Figure(figsize=(10, 6), layout="constrained")
-    ax = fig.add_subplot()
+    """One line per key present in ``rows`` against the epoch, in ``ax`` (an empty Axes of
+    :func:`new_axes`, or :func:`kept_axes`) or a new figure."""
+    ax = new_axes() if ax is None else ax
     for key in keys:
         points = [
             (float(r["epoch"]), float(r[key]))
@@ -89,16 +144,16 @@ def plot_series(
         # val/* duplicates val_raw/* or val_ema/* (whichever the run selects): say so.
         label = f"{key} (selected weights)" if key.startswith("val/") else key
         ax.plot(xs, ys, style, label=label, markersize=4, linewidth=1.5)
-    if log_y:
-        ax.set_yscale("log")
+    if ax.get_yscale() != ("log" if log_y else "linear"):  # unchanged: keep the ticks
+        ax.set_yscale("log" if log_y else "linear")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     last = int(rows[-1]["epoch"]) if rows else 0
-    ax.set_title(f"{title} (through epoch {last})")
+    ax.set_title(f"{title} (through epoch {last})", y=1.0)  # fixed: see _figure
     ax.grid(True, linestyle="--", alpha=0.6)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    return fig
+    return _figure_of(ax)
 
 
 def lr_per_update(recipe: Recipe, updates_per_epoch: int) -> list[float]:
@@ -129,14 +184,14 @@ def plot_lr(
     updates_per_epoch: int,
     warmup_updates: int,
     logged: Sequence[tuple[float, float]],
+    ax: Axes | None = None,
 ) -> Figure:
     """Learning rate against the update count: done (solid), planned (dashed), logged (dots).
 
     ``logged`` holds (update, lr) pairs read from ``metrics.jsonl``; ``warmup_updates`` marks
-    the end of the warmup with a vertical line.
+    the end of the warmup with a vertical line. ``ax``: as in :func:`plot_series`.
     """
-    fig = Figure(figsize=(10, 6), layout="constrained")
-    ax = fig.add_subplot()
+    ax = new_axes() if ax is None else ax
     done = min(updates_done, len(schedule) - 1)
     xs = range(len(schedule))
     ax.plot(
@@ -165,13 +220,14 @@ def plot_lr(
         right = warmup_updates > 0.7 * len(schedule)
         ax.text(warmup_updates, max(schedule), "end of warmup " if right else " end of warmup",
                 va="top", ha="right" if right else "left", fontsize=9)  # fmt: skip
-    ax.set_yscale("log")
+    if ax.get_yscale() != "log":
+        ax.set_yscale("log")
     ax.set_xlabel(f"optimizer update ({updates_per_epoch} per epoch)")
     ax.set_ylabel("learning rate")
-    ax.set_title(f"Learning rate per update (through update {done})")
+    ax.set_title(f"Learning rate per update (through update {done})", y=1.0)
     ax.grid(True, linestyle="--", alpha=0.6)
     ax.legend()
-    return fig
+    return _figure_of(ax)
 
 
 def results_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -205,15 +261,18 @@ class LrPlan:
 def write_history_figures(rows: list[dict[str, Any]], lr: LrPlan | None, out: Path) -> None:
     """Draw and save the three curves into ``out`` (plain inputs -> files); ``lr`` None draws
     the logged per-epoch learning rate instead of the per-update one."""
-    save_figure(plot_series(rows, LOSS_KEYS, "Loss", "loss"), out / "loss.png")
-    save_figure(plot_series(rows, ACC_KEYS, "Accuracy", "accuracy"), out / "accuracy.png")
+    loss = plot_series(rows, LOSS_KEYS, "Loss", "loss", ax=kept_axes("loss"))
+    save_figure(loss, out / "loss.png", dpi=DPI)
+    accuracy = plot_series(rows, ACC_KEYS, "Accuracy", "accuracy", ax=kept_axes("accuracy"))
+    save_figure(accuracy, out / "accuracy.png", dpi=DPI)
     if lr is None:
-        fig = plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True)
+        fig = plot_series(rows, LR_KEYS, "Learning rate", "lr", log_y=True, ax=kept_axes("lr"))
     else:
         fig = plot_lr(
-            lr.schedule, lr.updates_done, lr.updates_per_epoch, lr.warmup_updates, lr.logged
-        )
-    save_figure(fig, out / "lr.png")
+            lr.schedule, lr.updates_done, lr.updates_per_epoch, lr.warmup_updates, lr.logged,
+            ax=kept_axes("lr"),
+        )  # fmt: skip
+    save_figure(fig, out / "lr.png", dpi=DPI)
 
 
 class HistoryHook(Hook):
