@@ -3,6 +3,7 @@ hidden files, label whitespace, and the one-image last batch."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from classifier_training.data import validate
 from classifier_training.data.dataset import drop_single_sample_batch
 from classifier_training.data.index import DataError, DatasetIndex, index_dataset
 from classifier_training.data.loaders import build_loaders, load_index
+from classifier_training.data.near_duplicates import THUMB, Signature, image_signature
+from classifier_training.data.preprocess import open_rgb
 from classifier_training.data.validate import (
     ImageFacts,
     cache_file,
@@ -58,6 +61,11 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return seen
 
 
+def same_signature(a: Signature | str, b: Signature | str) -> bool:
+    assert isinstance(a, Signature) and isinstance(b, Signature)
+    return a.dhash == b.dhash and np.array_equal(a.thumb, b.thumb)
+
+
 # ---------------------------------------------------------------------------------------------
 # decode facts and the cache
 
@@ -73,10 +81,30 @@ def test_decode_facts_full_decode_finds_what_a_header_check_misses(tmp_path: Pat
     facts = decode_facts(good)
     assert (facts.width, facts.height, facts.mode, facts.error) == (160, 120, "RGB", "")
     assert len(facts.content) == 40
+    # The near-duplicate signature, as compact text for the cache: 16 hex digits, 768 bytes.
+    assert len(facts.dhash) == 16 and len(base64.b64decode(facts.thumb)) == THUMB * THUMB * 3
+    assert same_signature(facts.signature(), image_signature(open_rgb(good)))
     assert "truncated" in decode_facts(bad).error.lower()
+    assert decode_facts(bad).signature() == decode_facts(bad).error
     assert decode_facts(tmp_path / "missing.jpg").error == "image file not found"
     (tmp_path / "text.jpg").write_text("not an image")
     assert decode_facts(tmp_path / "text.jpg").error.startswith("cannot decode image")
+
+
+def test_signature_is_of_the_image_training_reads(tmp_path: Path) -> None:
+    """Flat images have no dHash; a 16-bit file is hashed as its 8-bit decode (``v >> 8``), not
+    as the white a plain ``convert("RGB")`` clips it to."""
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(tmp_path / "flat.png")
+    flat = decode_facts(tmp_path / "flat.png")
+    sig = flat.signature()
+    assert flat.dhash == "" and isinstance(sig, Signature) and sig.dhash is None
+    assert (sig.thumb == (10, 200, 30)).all()
+    grey = np.random.default_rng(1).integers(0, 256, (24, 32), dtype=np.uint16)
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "8bit.png")
+    Image.fromarray(grey * 257).save(tmp_path / "16bit.png")
+    wide = decode_facts(tmp_path / "16bit.png")
+    assert wide.mode.startswith("I") and wide.dhash
+    assert same_signature(wide.signature(), decode_facts(tmp_path / "8bit.png").signature())
 
 
 def test_second_check_decodes_nothing_and_changes_invalidate(

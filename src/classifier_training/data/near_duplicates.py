@@ -97,6 +97,13 @@ def signature(path: Path) -> Signature | str:
             rgb = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"cannot decode: {err}"
+    return image_signature(rgb)
+
+
+def image_signature(rgb: Image.Image) -> Signature:
+    """dHash and thumbnail of a decoded 8-bit RGB image. The full-decode check computes it
+    (:func:`classifier_training.data.validate.decode_facts`) from the image training reads, and
+    caches it with the file's other facts, so finding near-duplicates decodes nothing."""
     thumb = np.asarray(rgb.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
     return Signature(dhash(rgb), thumb)
 

@@ -21,12 +21,14 @@
    with no decodable image, and ``train.monitor = val/acc_class/<label>`` for a label that is not
    a class with validation images.
 
-The facts gathered per file (:class:`ImageFacts`: size, PIL mode, a hash of the decoded pixels)
-also feed the dataset statistics, whose duplicate detection keys on that pixel hash.
+The facts gathered per file (:class:`ImageFacts`: size, PIL mode, a hash of the decoded pixels,
+the near-duplicate signature) also feed the dataset statistics, whose duplicate detection keys on
+that pixel hash and whose near-duplicate search reads the signature, so the report decodes nothing.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -41,16 +43,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL
 
 from classifier_training.data.index import VAL, BadImage, DataError, DatasetIndex, SplitIndex
+from classifier_training.data.near_duplicates import THUMB, Signature, image_signature
 from classifier_training.data.preprocess import open_image
 from classifier_training.recipe import DataConfig
 from classifier_training.recipe_checks import PER_CLASS_MONITOR
 
 log = logging.getLogger(__name__)
 
-CHECK_VERSION = 1
+CHECK_VERSION = 2
 """Bump when :func:`decode_facts` or the decode rules of ``preprocess.to_rgb8`` change: cached
 facts from another version are ignored."""
 POOL_MIN_FILES = 256
@@ -63,13 +67,26 @@ then ``classifier-training``)."""
 @dataclass(frozen=True)
 class ImageFacts:
     """What a full decode of one file tells: its size and PIL mode, the SHA-1 of its 8-bit RGB
-    pixels (``content``: equal for files that decode to the same pixels), or the error."""
+    pixels (``content``: equal for files that decode to the same pixels), its near-duplicate
+    signature (:func:`~classifier_training.data.near_duplicates.image_signature`: ``dhash`` as
+    16 hex digits, "" for a flat image; ``thumb`` the base64 of the ``THUMB x THUMB x 3`` uint8
+    thumbnail: text, so the facts go into the cache JSON as they are and pickle back from the
+    pool cheaply), or the error."""
 
     width: int = 0
     height: int = 0
     mode: str = ""
     content: str = ""
     error: str = ""
+    dhash: str = ""
+    thumb: str = ""
+
+    def signature(self) -> Signature | str:
+        """The near-duplicate signature, or the error text of a file that does not decode."""
+        if self.error:
+            return self.error
+        thumb = np.frombuffer(base64.b64decode(self.thumb), np.uint8).reshape(THUMB, THUMB, 3)
+        return Signature(int(self.dhash, 16) if self.dhash else None, thumb)
 
 
 def decode_facts(path: Path) -> ImageFacts:
@@ -85,7 +102,15 @@ def decode_facts(path: Path) -> ImageFacts:
         return ImageFacts(error=f"cannot decode image: {err or type(err).__name__}")
     digest = hashlib.sha1(f"{rgb.width}x{rgb.height}:".encode(), usedforsecurity=False)
     digest.update(rgb.tobytes())
-    return ImageFacts(rgb.width, rgb.height, mode, digest.hexdigest())
+    sig = image_signature(rgb)
+    return ImageFacts(
+        rgb.width,
+        rgb.height,
+        mode,
+        digest.hexdigest(),
+        dhash="" if sig.dhash is None else f"{sig.dhash:016x}",
+        thumb=base64.b64encode(sig.thumb.tobytes()).decode("ascii"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
