@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from classifier_training.data.index import index_dataset
+from classifier_training.data import validate
+from classifier_training.data.index import DataError, index_dataset
 from classifier_training.data.validate import check_dataset
+from classifier_training.hooks import dataset_stats as dataset_stats_hook
 from classifier_training.hooks.dataset_stats import DatasetStatsHook, dataset_stats
 from classifier_training.recipe import DataConfig
 from conftest import write_image, write_jsonl_dataset
@@ -133,3 +135,28 @@ def test_stats_count_what_the_checks_skipped(tmp_path: Path) -> None:
     assert stats["totals"]["train"] == 3 * len(CLASSES) - 1
     assert stats["stripped_label_rows"] == {"train": 0, "valid": 1, "test": 0}
     assert stats["skipped_hidden_files"] == {"train": 0, "valid": 0, "test": 0}
+
+
+def test_fit_start_decodes_no_image_the_check_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training flow: the data check decodes every file once; the report and the leak gate
+    read the facts (near-duplicate signatures included) that it cached."""
+    root = distinct_splits(tmp_path / "data", {"train": 2, "valid": 1, "test": 1})
+    shutil.copy(root / "train" / "c00_000.jpg", root / "test" / "c00_000.jpg")  # a leak
+    index = check_dataset(index_dataset(root, check_images=False), DataConfig(root=str(root)))
+    decodes: list[Path] = []
+    monkeypatch.setattr(validate, "decode_facts", decodes.append)
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: decodes.append(path))
+    # The figures (the pair sheet shows its images) are drawn beside epoch 1, not tested here.
+    monkeypatch.setattr(dataset_stats_hook, "write_dataset_figures", lambda *a: None)
+    ctx = make_ctx(tmp_path / "run", index=index, loaders=loaders())
+    ctx.recipe.hooks.fail_on_near_duplicates = True
+    with pytest.raises(DataError, match="near-duplicate leak"):
+        DatasetStatsHook().on_fit_start(ctx)
+    stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
+    near = stats["near_duplicates"]
+    assert near["files_hashed"] == stats["distinct_files"]
+    copied = {"split": "test", "path": str(root / "test" / "c00_000.jpg"), "label": "0"}
+    assert any(p["b"] == copied and p["distance"] == 0 for p in near["closest"])
+    assert decodes == []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from classifier_training.data import validate
 from classifier_training.data.index import DataError, index_dataset
 from classifier_training.data.near_duplicates import (
     SHEET_FILE,
@@ -16,10 +17,18 @@ from classifier_training.data.near_duplicates import (
     check_index,
     dhash,
     find_near_duplicates,
+    image_signature,
+    near_duplicate_report,
     plot_near_duplicates,
-    signature,
 )
+from classifier_training.data.validate import ImageFacts, cache_file, check_images, decode_facts
+from classifier_training.hooks.dataset_stats import all_paths
 from conftest import write_jsonl_dataset
+
+
+def signature(path: Path) -> Signature | str:
+    """The signature the full-decode check computes for ``path``."""
+    return decode_facts(path).signature()
 
 
 def scene(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
@@ -54,7 +63,7 @@ def test_dhash_is_stable_under_reencoding_and_resizing(tmp_path: Path) -> None:
 def test_flat_and_broken_images_are_skipped(tmp_path: Path) -> None:
     assert dhash(Image.new("RGB", (20, 20), (10, 200, 30))) is None
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    assert str(signature(tmp_path / "bad.jpg")).startswith("cannot decode")
+    assert str(signature(tmp_path / "bad.jpg")).startswith("cannot decode image")
 
 
 def test_pairs_across_splits_only_closest_first(tmp_path: Path) -> None:
@@ -101,7 +110,8 @@ def test_check_index_reports_a_leak_and_can_raise(tmp_path: Path) -> None:
     # Leak: the test image of class "a" is a re-encode of a train image.
     Image.open(root / "train" / "c00_001.jpg").save(root / "test" / "c00_000.jpg", quality=60)
     index = index_dataset(root)
-    check = check_index(index, max_distance=2)
+    facts = check_images(all_paths(index), cache=cache_file(root))
+    check = check_index(index, facts, max_distance=2)
     assert check is not None
     leaked = [p for p in check.pairs if p.path_b.name == "c00_000.jpg" and p.split_b == "test"]
     assert [p.path_a.name for p in leaked] == ["c00_001.jpg"]
@@ -113,4 +123,70 @@ def test_check_index_reports_a_leak_and_can_raise(tmp_path: Path) -> None:
     check.raise_if_leaking(False, tmp_path)  # reporting only
     with pytest.raises(DataError, match=f"near-duplicate leak.*{SHEET_FILE}"):
         check.raise_if_leaking(True, tmp_path)
-    assert check_index(index, max_distance=-1) is None
+    assert check_index(index, facts, max_distance=-1) is None
+
+
+def decoded_again(path: Path) -> Signature | str:
+    """The signature as the report computed it before the check carried it: a second decode of
+    its own (``Image.open(path).convert("RGB")``)."""
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except OSError as err:
+        return f"cannot decode: {err}"
+    return image_signature(rgb)
+
+
+def test_signatures_from_the_check_pair_like_a_second_decode_and_decode_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_jsonl_dataset(tmp_path / "d", ("a", "b", "c"), {"train": 4, "valid": 2, "test": 2})
+    for seed, image in enumerate(sorted(root.glob("*/*.jpg"))):
+        scene(20 + seed).save(image, quality=95)
+    train = root / "train"
+    # A re-encode (test), a one-pixel shift (valid), the same picture in grey (same dHash, other
+    # colours: no pair), a flat image (skipped) and a truncated file (skipped).
+    Image.open(train / "c00_001.jpg").save(root / "test" / "c00_000.jpg", quality=60)
+    shifted = Image.open(train / "c01_002.jpg").crop((1, 0, 64, 48)).resize((64, 48))
+    shifted.save(root / "valid" / "c01_000.jpg", quality=95)
+    Image.open(train / "c02_003.jpg").convert("L").save(root / "valid" / "c02_001.jpg")
+    Image.new("RGB", (64, 48), (90, 90, 200)).save(root / "test" / "c02_000.jpg")
+    data = (root / "test" / "c01_001.jpg").read_bytes()
+    (root / "test" / "c01_001.jpg").write_bytes(data[: len(data) // 2])
+    index = index_dataset(root, check_images=False)
+    splits = {s.name: [(x.path, x.label) for x in s.samples] for s in index.splits.values()}
+    again = {p: decoded_again(p) for samples in splits.values() for p, _ in samples}
+    expected = find_near_duplicates(splits, again, 8)
+
+    decodes: list[Path] = []
+    real = validate.decode_facts
+
+    def counting(path: Path) -> ImageFacts:
+        decodes.append(path)
+        return real(path)
+
+    monkeypatch.setattr(validate, "decode_facts", counting)
+    cache = cache_file(root)
+    cold = check_index(index, check_images(all_paths(index), cache=cache), 8)
+    assert cold is not None and len(decodes) == len(again)
+    assert [p.as_dict() for p in cold.pairs] == [p.as_dict() for p in expected]
+    found = {(p.path_a.name, p.split_b, p.path_b.name) for p in cold.pairs}
+    assert {
+        ("c00_001.jpg", "test", "c00_000.jpg"),
+        ("c01_002.jpg", "valid", "c01_000.jpg"),
+    } <= found
+    assert ("c02_003.jpg", "valid", "c02_001.jpg") not in found
+    report = cold.report
+    assert (report["flat_files_skipped"], report["undecodable_files_skipped"]) == (1, 1)
+    assert report == near_duplicate_report(expected, again, 8)
+
+    # A second check over unchanged files opens no image: everything comes from the cache.
+    decodes.clear()
+
+    def no_open(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"an image was opened: {args}")
+
+    monkeypatch.setattr(Image, "open", no_open)
+    warm = check_index(index, check_images(all_paths(index), cache=cache), 8)
+    assert decodes == [] and warm is not None
+    assert warm.pairs == cold.pairs and warm.report == report

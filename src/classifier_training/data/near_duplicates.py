@@ -16,6 +16,12 @@ Written by hand because none of the project's libraries has a perceptual hash, a
 ``imagehash`` would add a dependency (and scipy) for ten lines. Flat images (every thumbnail
 pixel within 1 grey level) all hash to 0; they are counted and left out.
 
+The hash and the thumbnail come from the one full decode of the pre-training check
+(:func:`~classifier_training.data.validate.decode_facts`: the 8-bit RGB image training reads, so
+16-bit and transparent files are hashed as training sees them) and are cached with the file's
+other facts (the thumbnail as base64 of its 768 bytes, the hash as 16 hex digits): the report
+decodes no image again, and a second run over unchanged files decodes none at all.
+
 Pairs are searched between every two splits (train/val, train/test, val/test) with numpy:
 XOR of uint64 hashes, ``np.bitwise_count``, chunked so memory stays ~tens of MB for 100k images.
 """
@@ -23,12 +29,11 @@ XOR of uint64 hashes, ``np.bitwise_count``, chunked so memory stays ~tens of MB 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -90,16 +95,6 @@ def dhash(image: Image.Image) -> int | None:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def signature(path: Path) -> Signature | str:
-    """dHash and thumbnail of an image file; the error text when it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"cannot decode: {err}"
-    return image_signature(rgb)
-
-
 def image_signature(rgb: Image.Image) -> Signature:
     """dHash and thumbnail of a decoded 8-bit RGB image. The full-decode check computes it
     (:func:`classifier_training.data.validate.decode_facts`) from the image training reads, and
@@ -108,11 +103,11 @@ def image_signature(rgb: Image.Image) -> Signature:
     return Signature(dhash(rgb), thumb)
 
 
-def signatures(paths: Iterable[Path], workers: int = 4) -> dict[Path, Signature | str]:
-    """:func:`signature` per distinct path on a thread pool (PIL releases the GIL decoding)."""
-    unique = list(dict.fromkeys(paths))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return dict(zip(unique, pool.map(signature, unique), strict=True))
+class HasSignature(Protocol):
+    """Per-file facts that carry a signature (:class:`~classifier_training.data.validate.
+    ImageFacts`): the :class:`Signature`, or the error text when the file does not decode."""
+
+    def signature(self) -> Signature | str: ...
 
 
 def _pairs_between(
@@ -294,12 +289,15 @@ class LeakCheck:
             raise DataError(leak_message(self.pairs, self.report["max_distance"], where))
 
 
-def check_index(index: DatasetIndex, max_distance: int, workers: int = 4) -> LeakCheck | None:
-    """Hash every file of every split of ``index`` and pair them; None when
-    ``max_distance < 0`` (the check is switched off)."""
+def check_index(
+    index: DatasetIndex, facts: Mapping[Path, HasSignature], max_distance: int
+) -> LeakCheck | None:
+    """Pair the files of every split of ``index`` by the signatures in ``facts`` (the full-decode
+    check's :func:`~classifier_training.data.validate.check_images` of every sample path); None
+    when ``max_distance < 0`` (the check is switched off)."""
     if max_distance < 0:
         return None
     splits = {s.name: [(x.path, x.label) for x in s.samples] for s in index.splits.values()}
-    sigs = signatures((p for samples in splits.values() for p, _ in samples), workers)
+    sigs = {p: facts[p].signature() for samples in splits.values() for p, _ in samples}
     pairs = find_near_duplicates(splits, sigs, max_distance)
     return LeakCheck(pairs, near_duplicate_report(pairs, sigs, max_distance))

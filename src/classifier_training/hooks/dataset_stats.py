@@ -19,7 +19,7 @@ Written to the run directory::
 * tiny images (shorter side < 16 px), PIL modes (16-bit, palette, ...), sizes;
 * metadata distributions (``jersey_color``, ``number_color``, ``border``) when rows carry them.
 
-The per-file facts come from the full-decode check's cache
+The per-file facts, near-duplicate signatures included, come from the full-decode check's cache
 (:func:`~classifier_training.data.validate.check_images`), so the hook decodes nothing that the
 check already decoded.
 """
@@ -304,7 +304,8 @@ class DatasetStatsHook(Hook):
         facts = check_images(all_paths(ctx.index), cache=cache_file(ctx.index.root))
         dropped = 1 if ctx.loaders.train.drop_last else 0  # see drop_single_sample_batch
         stats = dataset_stats(ctx.index, facts, last_batch_dropped=dropped)
-        leaks = near_duplicates.check_index(ctx.index, ctx.recipe.hooks.near_duplicate_distance)
+        distance = ctx.recipe.hooks.near_duplicate_distance
+        leaks = near_duplicates.check_index(ctx.index, facts, distance)
         if leaks is not None:
             stats["near_duplicates"] = leaks.report
             # never leave the sheet of an earlier dataset
