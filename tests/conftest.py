@@ -179,3 +179,18 @@ def assert_imports_without_torch(*modules: str) -> None:
         f"assert 'torch' not in sys.modules, 'importing {names} imported torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every path the data check decodes (``validate.decode_facts`` calls) from now on."""
+    from classifier_training.data import validate
+
+    seen: list[Path] = []
+    real = validate.decode_facts
+
+    def counting(path: Path) -> validate.ImageFacts:
+        seen.append(path)
+        return real(path)
+
+    monkeypatch.setattr(validate, "decode_facts", counting)
+    return seen

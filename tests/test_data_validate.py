@@ -24,13 +24,13 @@ from classifier_training.data.loaders import build_loaders, load_index
 from classifier_training.data.near_duplicates import THUMB, Signature, image_signature
 from classifier_training.data.preprocess import open_rgb
 from classifier_training.data.validate import (
-    ImageFacts,
     cache_file,
     check_dataset,
     check_images,
     decode_facts,
 )
 from classifier_training.recipe import DataConfig
+from conftest import count_decodes
 
 MakeDataset = Callable[..., Path]
 CLASSES = ("0", "00", "1", "10", "2")
@@ -47,18 +47,6 @@ def unchecked(root: Path, test: str = "test") -> DatasetIndex:
 
 def cfg(root: Path, **kw: object) -> DataConfig:
     return DataConfig(root=str(root), num_workers=0, **kw)  # type: ignore[arg-type]
-
-
-def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    seen: list[Path] = []
-    real = validate.decode_facts
-
-    def counting(path: Path) -> ImageFacts:
-        seen.append(path)
-        return real(path)
-
-    monkeypatch.setattr(validate, "decode_facts", counting)
-    return seen
 
 
 def same_signature(a: Signature | str, b: Signature | str) -> bool:

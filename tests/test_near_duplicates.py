@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from classifier_training.data import validate
 from classifier_training.data.index import DataError, index_dataset
 from classifier_training.data.near_duplicates import (
     SHEET_FILE,
@@ -21,9 +20,9 @@ from classifier_training.data.near_duplicates import (
     near_duplicate_report,
     plot_near_duplicates,
 )
-from classifier_training.data.validate import ImageFacts, cache_file, check_images, decode_facts
+from classifier_training.data.validate import cache_file, check_images, decode_facts
 from classifier_training.hooks.dataset_stats import all_paths
-from conftest import write_jsonl_dataset
+from conftest import count_decodes, write_jsonl_dataset
 
 
 def signature(path: Path) -> Signature | str:
@@ -158,14 +157,7 @@ def test_signatures_from_the_check_pair_like_a_second_decode_and_decode_nothing_
     again = {p: decoded_again(p) for samples in splits.values() for p, _ in samples}
     expected = find_near_duplicates(splits, again, 8)
 
-    decodes: list[Path] = []
-    real = validate.decode_facts
-
-    def counting(path: Path) -> ImageFacts:
-        decodes.append(path)
-        return real(path)
-
-    monkeypatch.setattr(validate, "decode_facts", counting)
+    decodes = count_decodes(monkeypatch)
     cache = cache_file(root)
     cold = check_index(index, check_images(all_paths(index), cache=cache), 8)
     assert cold is not None and len(decodes) == len(again)
