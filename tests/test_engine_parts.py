@@ -332,6 +332,20 @@ def test_non_finite_weights_stop_the_run_before_a_checkpoint(accelerator: Accele
         check_finite_weights(accelerator, {"raw": net, "EMA": ema}, "in epoch 2")
 
 
+def test_all_finite_is_exact_when_large_finite_values_overflow_the_fast_sum() -> None:
+    from classifier_training.checkpoint import all_finite
+
+    big = torch.full((4,), 3e38)  # finite, but their fp32 sum is inf: decided element-wise
+    half = torch.full((10,), 60000.0, dtype=torch.float16)  # sums past fp16's 65504
+    assert all_finite([torch.ones(3), big, half]) and all_finite([])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.ones(5)
+        x[2] = bad
+        assert not all_finite([torch.ones(3), x])
+    both = torch.tensor([float("inf"), float("-inf")])  # sum NaN, still caught
+    assert not all_finite([both])
+
+
 def test_skip_final_collection_freezes_the_heap_after_earlier_exit_handlers() -> None:
     # atexit runs last-registered first: a handler registered before it sees the frozen heap
     code = (
