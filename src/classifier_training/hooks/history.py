@@ -111,7 +111,7 @@ def kept_axes(name: str) -> Axes:
     if ax is None:
         ax = axes[name] = new_axes()
         return ax
-    for artist in [*ax.lines, *ax.texts]:
+    for artist in [*ax.lines, *ax.texts, *ax.collections, *ax.patches]:
         artist.remove()
     if (legend := ax.get_legend()) is not None:
         legend.remove()
@@ -149,7 +149,7 @@ def plot_series(
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     last = int(rows[-1]["epoch"]) if rows else 0
-    ax.set_title(f"{title} (through epoch {last})", y=1.0)  # fixed: see _figure
+    ax.set_title(f"{title} (through epoch {last})", y=1.0)  # fixed height: see new_axes
     ax.grid(True, linestyle="--", alpha=0.6)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
